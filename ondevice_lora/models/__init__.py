@@ -1,0 +1,32 @@
+"""Model families, chosen by config.json's `model_type` through one registry."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..errors import ModelLoadError
+from . import llama, qwen2, qwen3
+
+# Mistral checkpoints without a sliding window are Llama checkpoints under another name.
+MODEL_TYPES: dict[str, ModuleType] = {
+    "llama": llama,
+    "mistral": llama,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+}
+
+
+def get_model_module(model_type: str | None, source: str = "config.json") -> ModuleType:
+    """The module (with `ModelArgs` and `Model`) for `model_type`, or a clear error."""
+    if model_type not in MODEL_TYPES:
+        raise ModelLoadError(
+            f"{source}: model_type {model_type!r} is not supported. "
+            f"Supported model types: {', '.join(sorted(MODEL_TYPES))}."
+        )
+    return MODEL_TYPES[model_type]
+
+
+def build_model(config: dict, source: str = "config.json"):
+    """An uninitialised-weights model for a Hub-style config dict."""
+    module = get_model_module(config.get("model_type"), source)
+    return module.Model(module.ModelArgs.from_dict(config))

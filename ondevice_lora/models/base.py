@@ -1,0 +1,145 @@
+"""Pieces every decoder family shares: config parsing, rotary embeddings, masks and the KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import ModelLoadError
+
+
+@dataclasses.dataclass
+class BaseModelArgs:
+    """A model's hyper-parameters; field names are the keys of the Hub's config.json."""
+
+    @classmethod
+    def from_dict(cls, config: dict):
+        # Hub configs carry many keys we do not use (torch_dtype, architectures, ...): ignore them.
+        fields = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in config.items() if k in fields})
+
+
+def rope_settings(rope_theta: float, rope_scaling: dict | None, rope_parameters: dict | None):
+    """Return (theta, scaling) from either config convention.
+
+    Hub configs keep `rope_theta` and `rope_scaling` at the top level; configs written by
+    transformers 5 nest both in `rope_parameters`.
+    """
+    if rope_parameters:
+        rope_theta = rope_parameters.get("rope_theta", rope_theta)
+        rope_scaling = rope_parameters
+    return float(rope_theta), rope_scaling
+
+
+class RoPE(nn.Module):
+    """Rotary position embedding (Su et al. 2021) over the first `dims` features of each head.
+
+    Supports the default rotation, linear position scaling and Llama 3.1's frequency-dependent
+    scaling, which stretches only the low frequencies so long contexts keep local detail.
+    """
+
+    SCALING_TYPES = ("default", "linear", "llama3")
+
+    def __init__(self, dims: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        self.dims = dims
+        scaling = scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in self.SCALING_TYPES:
+            raise ModelLoadError(
+                f"config.json: rope scaling type {kind!r} is not supported; "
+                f"supported: {', '.join(self.SCALING_TYPES)}."
+            )
+        self.position_scale = 1.0 / scaling["factor"] if kind == "linear" else 1.0
+        self.theta = theta
+        # mx.fast.rope takes either a base or the wavelengths/(2*pi) per rotated pair.
+        self._periods = _llama3_periods(dims, theta, scaling) if kind == "llama3" else None
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        # x: (B, n_heads, L, head_dim); HF's rotate_half layout is MLX's non-traditional one.
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=False,
+            base=None if self._periods is not None else self.theta,
+            scale=self.position_scale,
+            offset=offset,
+            freqs=self._periods,
+        )
+
+
+def _llama3_periods(dims: int, theta: float, scaling: dict) -> mx.array:
+    factor = scaling["factor"]
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", 8192)
+
+    inv_freq = 1.0 / (theta ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
+    wavelength = 2 * math.pi / inv_freq
+    low_freq_wavelength = old_context / low_freq_factor
+    high_freq_wavelength = old_context / high_freq_factor
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    smooth = (old_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = mx.where(wavelength > low_freq_wavelength, inv_freq / factor, blended)
+    scaled = mx.where(wavelength < high_freq_wavelength, inv_freq, scaled)
+    return 1.0 / scaled
+
+
+class KVCache:
+    """Keys and values of one layer, grown in blocks so decoding does not copy on every token."""
+
+    block = 256
+
+    def __init__(self):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        # keys, values: (B, n_kv_heads, L, head_dim)
+        new = keys.shape[2]
+        end = self.offset + new
+        if self.keys is None or end > self.keys.shape[2]:
+            grow = self.block * ((new + self.block - 1) // self.block)
+            shape = (*keys.shape[:2], grow, keys.shape[3])
+            more_k = mx.zeros(shape, keys.dtype)
+            more_v = mx.zeros((*shape[:3], values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = more_k, more_v
+            else:
+                kept_k = self.keys[..., : self.offset, :]
+                kept_v = self.values[..., : self.offset, :]
+                self.keys = mx.concatenate([kept_k, more_k], axis=2)
+                self.values = mx.concatenate([kept_v, more_v], axis=2)
+        self.keys[..., self.offset : end, :] = keys
+        self.values[..., self.offset : end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+
+def make_cache(model) -> list[KVCache]:
+    """One empty KV cache per decoder layer of `model`."""
+    return [KVCache() for _ in model.layers]
+
+
+def make_attention_mask(
+    length: int, offset: int, padding_mask: mx.array | None, dtype: mx.Dtype
+) -> mx.array | str | None:
+    """The additive mask for `length` new queries after `offset` cached positions.
+
+    padding_mask: optional (B, offset + length) array, 1 for real tokens and 0 for padding.
+    """
+    if padding_mask is None:
+        return "causal" if length > 1 else None
+    query_positions = offset + mx.arange(length)[:, None]  # (L, 1)
+    key_positions = mx.arange(offset + length)[None]  # (1, L_kv)
+    allowed = (key_positions <= query_positions)[None, None]  # (1, 1, L, L_kv)
+    allowed = allowed & padding_mask.astype(mx.bool_)[:, None, None, :]  # (B, 1, L, L_kv)
+    # A finite minimum, not -inf: a padding query that may see no key then gets a uniform
+    # softmax instead of NaN, and NaN would otherwise leak into real positions' gradients.
+    return mx.where(allowed, mx.array(0, dtype), mx.array(mx.finfo(dtype).min, dtype))

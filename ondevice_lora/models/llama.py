@@ -1,0 +1,177 @@
+"""Llama decoder (Llama 2/3.x, SmolLM2, TinyLlama, llama-compatible Mistral).
+
+Pre-norm transformer: x + Attention(RMSNorm(x)), then x + SwiGLU-MLP(RMSNorm(x)); grouped-query
+attention with rotary positions. Qwen2 and Qwen3 reuse these blocks with small changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import BaseModelArgs, KVCache, RoPE, make_attention_mask, rope_settings
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "llama"
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    intermediate_size: int = 11008
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    vocab_size: int = 32000
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.rope_theta, self.rope_scaling = rope_settings(
+            self.rope_theta, self.rope_scaling, self.rope_parameters
+        )
+
+    # Which projections carry a bias; Qwen2 differs here and nowhere else.
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def output_bias(self) -> bool:
+        return self.attention_bias
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        head_dim = args.head_dim
+        self.scale = head_dim**-0.5
+        dim = args.hidden_size
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=args.output_bias)
+        self.rope = RoPE(head_dim, args.rope_theta, args.rope_scaling)
+
+    def normalize_qk(self, queries: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
+        """Hook for families that normalise queries and keys before the rotation (Qwen3)."""
+        return queries, keys
+
+    def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
+        B, L, _ = x.shape
+        # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
+        queries = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        queries, keys = self.normalize_qk(queries, keys)
+        queries = queries.transpose(0, 2, 1, 3)
+        keys = keys.transpose(0, 2, 1, 3)
+        values = values.transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        queries = self.rope(queries, offset=offset)
+        keys = self.rope(keys, offset=offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+
+        # Grouped-query attention: the kernel shares each KV head across its query heads.
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=self.scale, mask=mask
+        )
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, heads * head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(dim, hidden, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=args.mlp_bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, attention_class=Attention):
+        super().__init__()
+        self.self_attn = attention_class(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderStack(nn.Module):
+    """The `model.` part of a Hub checkpoint: embeddings, decoder layers, final norm."""
+
+    def __init__(self, args: ModelArgs, attention_class):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, attention_class) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None, padding_mask=None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        offset = cache[0].offset if cache is not None else 0
+        mask = make_attention_mask(inputs.shape[1], offset, padding_mask, h.dtype)
+        for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, mask, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    attention_class = Attention
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DecoderStack(args, self.attention_class)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: list[KVCache] | None = None,
+        attention_mask: mx.array | None = None,
+    ) -> mx.array:
+        """inputs: (B, L) token ids -> logits (B, L, vocab_size)."""
+        h = self.model(inputs, cache, attention_mask)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def sanitize(self, weights: dict) -> dict:
+        """Drop what Hub checkpoints carry but the model does not use."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            # Some tied checkpoints also store the head; it is the embedding again.
+            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        return weights
