@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import ModelLoadError, format_list
-from .models import build_model
+from .models import build_model, get_model_module
 from .weights import load_weights, read_json
 
 # Files a model folder needs; weights of other formats (.bin, .pth, .gguf) are not fetched.
@@ -136,6 +136,8 @@ def load_model(folder: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Load the model of a Hugging Face or mlx-lm folder; returns (model, config)."""
     folder = Path(folder)
     config = load_config(folder)
+    # Check model_type before reading the weights, and name the file that holds it.
+    get_model_module(config.get("model_type"), source=str(folder / "config.json"))
     model = load_model_from_weights(config, load_weights(folder), source=folder)
     return model, config
 

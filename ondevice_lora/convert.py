@@ -1,0 +1,261 @@
+"""Convert any model we load into an mlx-lm folder quantised to 4 or 8 bits.
+
+The output is the layout mlx-lm writes (config.json with a `quantization` entry, safetensors with
+`.weight`/`.scales`/`.biases` per quantised layer, tokenizer files), so mlx-lm and we both load it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import OndeviceLoraError, format_list
+from .loading import load_config, load_model, resolve_model_path
+from .weights import INDEX_FILE, read_json, save_weights, write_json
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+DTYPES = ("float16", "bfloat16", "float32")
+
+# Files of a model folder that --force replaces: a stale shard, index or chat_template.jinja left
+# beside the new files would be read instead of (or as well as) them.
+_MODEL_FILES = [
+    "model*.safetensors",
+    INDEX_FILE,
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+
+
+def check_convert_args(
+    out_folder, bits: int, group_size: int, dtype: str | None, force: bool = False
+) -> None:
+    """Raise one OndeviceLoraError listing every problem with the conversion settings."""
+    problems = []
+    if bits not in BITS:
+        problems.append(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+    if group_size not in GROUP_SIZES:
+        allowed = ", ".join(map(str, GROUP_SIZES))
+        problems.append(f"--group-size must be one of {allowed}, got {group_size!r}")
+    if dtype is not None and dtype not in DTYPES:
+        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = Path(out_folder)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out} is a file, not a folder")
+    elif out.is_dir() and any(out.iterdir()) and not force:
+        problems.append(
+            f"--out {out} is not empty; choose a new folder or pass --force to replace "
+            "the model files in it"
+        )
+    if problems:
+        raise OndeviceLoraError("cannot convert:\n  " + "\n  ".join(problems))
+
+
+def convert(
+    model: str | os.PathLike,
+    out_folder: str | os.PathLike,
+    bits: int = 4,
+    group_size: int = 64,
+    dtype: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Quantise `model` (a folder, .gguf file or Hub id) to an mlx-lm folder; returns the folder.
+
+    bits: 4 or 8 (affine); group_size: 32, 64 or 128 values share one scale and bias; every
+    Linear and Embedding whose input size divides by `group_size` is quantised, the rest kept.
+    dtype: float16, bfloat16 or float32 for the scales, biases and unquantised weights
+    (default: the source config's dtype, else float16). An already quantised source is
+    de-quantised first, since its grid differs from the target's. force: allow a non-empty
+    `out_folder`, replacing the model files in it.
+    """
+    check_convert_args(out_folder, bits, group_size, dtype, force)
+    out = Path(out_folder)
+    source = resolve_model_path(model)
+    if source.is_dir() and out.exists() and out.resolve() == source.resolve():
+        raise OndeviceLoraError(
+            f"cannot convert: --out {out} holds the source model {source}; "
+            "writing there would overwrite the weights being read. Choose another folder."
+        )
+    net, tokenizer, config = _load_source(source)
+    dtype = dtype or _source_dtype(config)
+
+    _dequantize(net)
+    net.set_dtype(getattr(mx, dtype))
+    nn.quantize(
+        net,
+        group_size=group_size,
+        bits=bits,
+        mode="affine",
+        # Quantisation groups run along the input dimension, so it must divide evenly.
+        class_predicate=lambda _, m: (
+            hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
+        ),
+    )
+
+    if force and out.is_dir():
+        for pattern in _MODEL_FILES:
+            for stale in out.glob(pattern):
+                stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(out, dict(tree_flatten(net.parameters())))
+    write_json(out / "config.json", _output_config(config, bits, group_size, dtype))
+    tokenizer.save(out)
+    write_json(out / "generation_config.json", _generation_config(source, tokenizer))
+    return out
+
+
+def _load_source(path: Path):
+    """(model, tokenizer, config) of a local folder or .gguf file, as `load` reads them."""
+    from .tokenizer import Tokenizer
+
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import load_gguf
+
+        net, tokenizer, config = load_gguf(path)
+        return net, tokenizer, dict(config)
+    if path.is_file():
+        raise OndeviceLoraError(
+            f"{path}: a model is a folder (config.json, *.safetensors, tokenizer.json) "
+            "or a .gguf file."
+        )
+    net, config = load_model(path)
+    return net, Tokenizer.from_folder(path), config
+
+
+def _source_dtype(config: dict) -> str:
+    # transformers 5 writes `dtype`, older versions `torch_dtype`.
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) in DTYPES:
+            return config[key]
+    return "float16"
+
+
+def _dequantize(net: nn.Module) -> None:
+    """Replace every quantised layer of `net` by the float layer its weights stand for."""
+    replaced = []
+    for path, module in net.named_modules():
+        if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        weight = mx.dequantize(
+            module.weight,
+            module.scales,
+            module.get("biases"),
+            group_size=module.group_size,
+            bits=module.bits,
+            mode=module.mode,
+        )
+        if isinstance(module, nn.QuantizedEmbedding):
+            layer = nn.Embedding(*weight.shape)
+        else:
+            out_dims, in_dims = weight.shape
+            layer = nn.Linear(in_dims, out_dims, bias="bias" in module)
+            if "bias" in module:
+                layer.bias = module.bias
+        layer.weight = weight
+        replaced.append((path, layer))
+    if replaced:
+        net.update_modules(tree_unflatten(replaced))
+
+
+def _output_config(config: dict, bits: int, group_size: int, dtype: str) -> dict:
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    quant = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    # mlx-lm reads `quantization`; it also writes the same under `quantization_config`, the key
+    # transformers-side tools look at, so we write both.
+    config["quantization"] = dict(quant)
+    config["quantization_config"] = dict(quant)
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = dtype
+    return config
+
+
+def _generation_config(source: Path, tokenizer) -> dict:
+    """The source's generation_config.json (if a folder has one) with the tokenizer's eos ids."""
+    path = source / "generation_config.json"
+    config = read_json(path) if source.is_dir() and path.is_file() else {}
+    eos = tokenizer.eos_token_ids
+    if eos:
+        config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if tokenizer.bos_token_id is not None:
+        config.setdefault("bos_token_id", tokenizer.bos_token_id)
+    return config
+
+
+@dataclass
+class FolderSummary:
+    """What a converted folder costs: bytes on disk and stored bits per model weight."""
+
+    size_bytes: int
+    parameters: int
+    bits_per_weight: float
+
+
+def summarize(folder: str | os.PathLike) -> FolderSummary:
+    """Size on disk of a model folder, and bits per weight of its safetensors files.
+
+    A quantised weight counts as the values it packs (32 / bits per uint32), so the ratio is
+    the storage per original weight, scales and biases included.
+    """
+    folder = Path(folder)
+    quant = load_config(folder).get("quantization") or {}
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(_safetensors_header(path))
+    stored_bytes, parameters = 0, 0
+    for name, info in tensors.items():
+        start, end = info["data_offsets"]
+        stored_bytes += end - start
+        base = name.rsplit(".", 1)[0]
+        if name.endswith((".scales", ".biases")) and f"{base}.scales" in tensors:
+            continue  # quantisation overhead, not model weights
+        count = math.prod(info["shape"])
+        if info["dtype"] == "U32" and f"{base}.scales" in tensors:
+            layer = quant.get(base)
+            bits = layer["bits"] if isinstance(layer, dict) else quant["bits"]
+            count = count * 32 // bits
+        parameters += count
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return FolderSummary(size, parameters, 8 * stored_bytes / max(parameters, 1))
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    return header
+
+
+@click.command("convert")
+@click.option("--model", "-m", required=True, help="Model folder, .gguf file or Hub id.")
+@click.option("--out", "-o", required=True, help="Output folder (new or empty).")
+@click.option("--bits", type=int, default=4, show_default=True, help="4 or 8.")
+@click.option("--group-size", type=int, default=64, show_default=True, help="32, 64 or 128.")
+@click.option("--dtype", default=None, help="float16, bfloat16 or float32 [default: source's].")
+@click.option("--force", is_flag=True, help="Replace the model files in a non-empty --out.")
+def convert_command(model, out, bits, group_size, dtype, force):
+    """Quantise a model to an mlx-lm folder (affine, 4 or 8 bits)."""
+    try:
+        path = convert(model, out, bits=bits, group_size=group_size, dtype=dtype, force=force)
+    except OndeviceLoraError as e:
+        raise click.ClickException(str(e)) from None
+    summary = summarize(path)
+    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    click.echo(f"Wrote {path} ({bits}-bit, group size {group_size}): {format_list(files)}")
+    click.echo(
+        f"{summary.size_bytes / 2**20:.1f} MiB on disk, {summary.parameters:,} weights, "
+        f"{summary.bits_per_weight:.2f} bits per weight"
+    )
