@@ -111,10 +111,10 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source) -> Non
         problems.append(f"misshapen {len(misshapen)}: {format_list(misshapen)}")
     if problems:
         raise ModelLoadError(
-            f"{source}: the weights do not fit the model that config.json describes "
+            f"{source}: the weights do not fit the model its config describes "
             f"({model.args.model_type}, {model.args.num_hidden_layers} layers, hidden "
             f"{model.args.hidden_size}):\n  " + "\n  ".join(problems) + "\n"
-            "Check that config.json belongs to these weights."
+            "Check that the config belongs to these weights."
         )
 
 

@@ -51,7 +51,7 @@ class RoPE(nn.Module):
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in self.SCALING_TYPES:
             raise ModelLoadError(
-                f"config.json: rope scaling type {kind!r} is not supported; "
+                f"rope scaling type {kind!r} (config.json rope_scaling) is not supported; "
                 f"supported: {', '.join(self.SCALING_TYPES)}."
             )
         self.position_scale = 1.0 / scaling["factor"] if kind == "linear" else 1.0
