@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
 
+from .atomic import write_atomically, write_text_atomically
 from .errors import ModelLoadError, format_list
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -114,8 +114,8 @@ def save_weights(
     paths = []
     for name, shard in zip(names, shards):
         paths.append(folder / name)
-        _atomic_write(
-            paths[-1], lambda tmp, s=shard: mx.save_safetensors(tmp, s, {"format": "mlx"})
+        write_atomically(
+            paths[-1], lambda tmp, s=shard: mx.save_safetensors(str(tmp), s, {"format": "mlx"})
         )
     if len(shards) > 1:
         index = {
@@ -142,16 +142,4 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        # mx.save_safetensors appends ".safetensors" to names without it; keep the suffix.
-        tmp = tmp.with_suffix(tmp.suffix + path.suffix) if path.suffix else tmp
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
