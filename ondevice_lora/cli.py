@@ -1,4 +1,4 @@
-"""The `ondevice-lora` command line: generate text, convert models.
+"""The `ondevice-lora` command line: generate, convert, train, eval.
 
 Errors about user input (OndeviceLoraError) end the command with one line on stderr and exit
 code 1; a traceback is kept for real bugs.
@@ -7,13 +7,14 @@ code 1; a traceback is kept for real bugs.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import click
 
+from .convert import convert_command
 from .errors import OndeviceLoraError
 from .generate import SamplingConfig, stream_generate
 from .loading import load
+from .training_cli import eval_command, train_command
 
 # The defaults shown in --help are the Python API's own, declared once in SamplingConfig.
 _SAMPLING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
@@ -42,6 +43,9 @@ def main():
     "model_name",
     default=None,
     help="Model folder, .gguf file or Hub id. Default: the built-in SmolLM2-135M-Instruct.",
+)
+@click.option(
+    "--adapter", default=None, help="Adapter folder (from `train`) to apply to the model."
 )
 @click.option("--prompt", required=True, help="The text to answer.")
 @click.option("--greedy", is_flag=True, help="Always pick the most likely token (temperature 0).")
@@ -72,7 +76,9 @@ def main():
     is_flag=True,
     help="Send the prompt as plain text, without the model's chat template.",
 )
-def generate(model_name, prompt, greedy, temperature, top_p, max_tokens, seed, system, no_chat):
+def generate(
+    model_name, adapter, prompt, greedy, temperature, top_p, max_tokens, seed, system, no_chat
+):
     """Generate a reply to --prompt, printing it as it is produced."""
     if greedy and temperature not in (None, 0):
         raise click.UsageError("--greedy and --temperature contradict each other; pass one.")
@@ -84,7 +90,7 @@ def generate(model_name, prompt, greedy, temperature, top_p, max_tokens, seed, s
         max_tokens=max_tokens,
         seed=seed,
     )
-    model, tokenizer = load(model_name)
+    model, tokenizer = load(model_name, adapter=adapter)
     stream = stream_generate(model, tokenizer, prompt, config, chat=not no_chat, system=system)
     for piece in stream:
         click.echo(piece, nl=False)
@@ -92,24 +98,9 @@ def generate(model_name, prompt, greedy, temperature, top_p, max_tokens, seed, s
     click.echo(stream.stats.summary(), err=True)
 
 
-def _register_convert() -> None:
-    """Add `convert` from ondevice_lora.convert when that module provides it.
-
-    Only a missing module is tolerated; a convert module that fails to import is a bug and
-    raises here.
-    """
-    try:
-        module = importlib.import_module(".convert", __package__)
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.convert":
-            raise
-        return
-    command = getattr(module, "convert_command", None)
-    if command is not None:
-        main.add_command(command)
-
-
-_register_convert()
+main.add_command(convert_command)
+main.add_command(train_command)
+main.add_command(eval_command)
 
 
 if __name__ == "__main__":

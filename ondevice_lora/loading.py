@@ -142,8 +142,22 @@ def load_model(folder: str | os.PathLike) -> tuple[nn.Module, dict]:
     return model, config
 
 
-def load(name: str | os.PathLike | None = None):
-    """Load (model, tokenizer) from a folder, a .gguf file or a Hub id; None: the built-in default."""
+def load(name: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None):
+    """Load (model, tokenizer) from a folder, a .gguf file or a Hub id; None: the built-in default.
+
+    adapter: an adapter folder to apply; it is refused if it was trained on another base.
+    """
+    model, tokenizer = _load_base(name)
+    if adapter is not None:
+        from .adapters import load_adapter
+        from .fingerprint import base_fingerprint
+
+        load_adapter(model, adapter, base_fingerprint(model, tokenizer))
+        model.eval()
+    return model, tokenizer
+
+
+def _load_base(name):
     from .tokenizer import Tokenizer
 
     if name is None:

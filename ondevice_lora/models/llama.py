@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import ModelLoadError
 from .base import BaseModelArgs, KVCache, RoPE, make_attention_mask, rope_settings
 
 
@@ -33,8 +34,16 @@ class ModelArgs(BaseModelArgs):
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    # Mistral: attention limited to the last `sliding_window` positions; we compute full
+    # attention, which is the same computation for sequences no longer than the window.
+    sliding_window: int | None = None
 
     def __post_init__(self):
+        if self.hidden_act != "silu":
+            raise ModelLoadError(
+                f"config.json: hidden_act {self.hidden_act!r} is not supported for "
+                f"{self.model_type} (only 'silu')."
+            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -131,10 +140,17 @@ class DecoderStack(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, attention_class) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.sliding_window = args.sliding_window
 
     def __call__(self, inputs: mx.array, cache=None, padding_mask=None) -> mx.array:
         h = self.embed_tokens(inputs)
         offset = cache[0].offset if cache is not None else 0
+        window = self.sliding_window
+        if window is not None and offset + inputs.shape[1] > window:
+            raise ValueError(
+                f"sequence of {offset + inputs.shape[1]} tokens exceeds this model's "
+                f"sliding_window of {window}, which full attention does not reproduce."
+            )
         mask = make_attention_mask(inputs.shape[1], offset, padding_mask, h.dtype)
         for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, mask, layer_cache)

@@ -1,0 +1,93 @@
+"""Metrics beside the adapter: one JSON object per line (metrics.jsonl), and a loss-curve PNG.
+
+Training records look like {"step": 12, "loss": 2.31, "learning_rate": ..., ...}; validation
+records like {"step": 10, "val_loss": 2.5, "val_perplexity": 12.2}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..atomic import write_atomically, write_text_atomically
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Every record of a metrics.jsonl file ([] when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a killed process ends the readable part
+    return records
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl, each line flushed as it is written.
+
+    resume_step: on resume, records after this step (written by the interrupted run after its
+    last checkpoint) are dropped first, since the resumed run writes them again.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def plot_losses(records: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Draw training loss per step and validation loss at each evaluation into a PNG."""
+    import matplotlib
+
+    # Agg renders to files only: no display needed, and no window pops up mid-training.
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        if train:
+            ax.plot(*zip(*train), label="training loss", linewidth=1)
+        if valid:
+            ax.plot(*zip(*valid), "o-", label="validation loss", linewidth=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (cross-entropy per trained token)")
+        if title:
+            ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,328 @@
+"""train(): LoRA adapters on a frozen base, one compiled step at a time, resumable at any point.
+
+Each optimiser step: `grad_accumulation` micro-batches through the compiled step (make_step),
+one mx.eval per call; dropout seeded from (seed, step); metrics to metrics.jsonl; every
+eval_every steps a validation loss (the best adapter kept), every save_every steps an atomic
+checkpoint. A run killed at any moment and resumed produces the same weights and losses as one
+that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..adapters import (
+    ADAPTER_WEIGHTS_FILE,
+    adapter_tensors,
+    apply_adapters,
+    base_fingerprint,
+    save_adapter,
+)
+from ..data.batching import iterate_batches
+from .checkpoint import (
+    CheckpointError,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_optimizer_state,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .evaluate import evaluate_loss, perplexity
+from .metrics import METRICS_FILE, PLOT_FILE, MetricsWriter, plot_losses, read_metrics
+from .offline import offline
+from .progress import TrainProgress
+from .schedule import build_optimizer, build_schedule
+from .step import gradient_checkpointing, make_step, masked_cross_entropy, step_seed
+
+LAST_ADAPTER_DIR = "last"  # with keep_best, the adapter of the final step goes here
+# Settings that may change between an interrupted run and its resume; any other change would
+# make the resumed run a different run, so it is refused.
+RESUMABLE_CHANGES = {
+    "resume", "offline_guard", "eval_every", "eval_batches", "save_every", "keep_best",
+    "early_stopping_patience", "iters", "epochs", "model", "data",
+}  # fmt: skip
+
+
+class TrainingCallback:
+    """Hooks that train() calls; subclass and override what you need. Records are dicts."""
+
+    def on_train_begin(self, info: dict) -> None: ...
+
+    def on_step_end(self, record: dict) -> None: ...
+
+    def on_eval_end(self, record: dict) -> None: ...
+
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+    def on_train_end(self, result: TrainResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a run did. losses: training loss of every step (1-based step i at index i - 1);
+    val_losses: (step, loss) of each evaluation, step 0 being the untrained adapter."""
+
+    adapter_path: Path
+    steps: int
+    losses: list[float]
+    val_losses: list[tuple[int, float]]
+    best_val_loss: float | None
+    best_step: int | None
+    stopped_early: bool
+    trained_tokens: int
+    seconds: float
+    resumed_from: int | None
+    metrics_path: Path
+    plot_path: Path | None
+
+
+def train(
+    model,
+    tokenizer,
+    train_examples,
+    valid_examples,
+    config: TrainConfig,
+    callbacks=(),
+    loss_fn=masked_cross_entropy,
+    batch_iterator=iterate_batches,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a LoRA adapter on `model` (a base without adapters) and save it.
+
+    train_examples / valid_examples: lists of {"input_ids", "loss_mask"} (a data.Dataset
+    works); valid_examples may be None (no evaluation, no best-adapter selection).
+    callbacks: TrainingCallback objects. loss_fn(model, inputs, targets, loss_mask) ->
+    (mean loss, trained tokens). batch_iterator: data.iterate_batches or a function with its
+    signature, whose iterator has `.state` (a position it accepts back as keyword arguments).
+    The adapter goes to config.adapter_path (adapters.safetensors + adapter_config.json with
+    the base's fingerprint): the best one by validation loss when config.keep_best (the last
+    step's then in `last/`), else the last. With config.resume, continues from the newest
+    complete checkpoint there. `model` holds the saved adapter when train returns.
+    """
+    config.validate(require_data=False)
+    started = time.perf_counter()
+    out = Path(config.adapter_path)
+    with offline(config.offline_guard):
+        fingerprint = base_fingerprint(model, tokenizer)
+        mx.random.seed(config.seed)  # the adapters' initial A matrices
+        apply_adapters(model, config.lora_config())
+        pad = tokenizer.pad_token_id or 0
+
+        def make_batches(position: dict | None = None):
+            return batch_iterator(
+                train_examples, config.batch_size, config.max_length, seed=config.seed,
+                repeat=True, pad_id=pad, **(position or {}),
+            )  # fmt: skip
+
+        total = config.total_steps(len(make_batches()))
+        schedule = build_schedule(
+            config.learning_rate, total, config.warmup_steps, config.lr_schedule,
+            config.min_learning_rate,
+        )  # fmt: skip
+        optimizer = build_optimizer(config.optimizer, schedule, config.weight_decay)
+        optimizer.init(model.trainable_parameters())
+        identity = {
+            "base_fingerprint": fingerprint["fingerprint"],
+            "data_fingerprint": examples_fingerprint(train_examples),
+        }
+        state, resumed_from = _start(out, config, model, optimizer, identity)
+        batches = make_batches(state.data_position)
+        for c in callbacks:
+            c.on_train_begin({"total_steps": total, "start_step": state.step, "config": config})
+
+        with (
+            MetricsWriter(out / METRICS_FILE, resume_step=resumed_from) as metrics,
+            gradient_checkpointing(model, config.grad_checkpoint),
+            TrainProgress(total, state.step, enabled=show_progress) as ui,
+        ):
+            if resumed_from is not None:
+                ui.log(f"resumed from step {resumed_from} ({out})")
+            elif config.resume:
+                ui.log(f"no checkpoint in {out}: starting a fresh run")
+
+            def validate(step: int) -> None:
+                loss = evaluate_loss(
+                    model, valid_examples, config.batch_size, config.max_length,
+                    config.eval_batches, pad, loss_fn,
+                )[0]  # fmt: skip
+                if _record_validation(state, step, loss) and config.keep_best:
+                    save_adapter(out, model, config.lora_config(), fingerprint)
+                record = {"step": step, "val_loss": loss, "val_perplexity": perplexity(loss)}
+                metrics.write(record)
+                ui.log(f"step {step}: validation loss {loss:.4f}")
+                for c in callbacks:
+                    c.on_eval_end(record)
+
+            if valid_examples is not None and not state.val_losses:
+                validate(0)
+            step_fn = make_step(model, optimizer, loss_fn)
+            model.train()
+            while state.step < total and not _should_stop(state, config):
+                record = _train_step(step_fn, model, optimizer, batches, state, config)
+                metrics.write(record)
+                ui.update(
+                    state.step, record["loss"], record["learning_rate"],
+                    record["tokens_per_second"], record["peak_memory_gb"],
+                )  # fmt: skip
+                for c in callbacks:
+                    c.on_step_end(record)
+                last = state.step == total
+                if valid_examples is not None and (last or _every(state.step, config.eval_every)):
+                    validate(state.step)
+                stopping = _should_stop(state, config)
+                if last or stopping or _every(state.step, config.save_every):
+                    state.data_position = batches.state
+                    state.rng_key = mx.random.state[0].tolist()
+                    path = save_checkpoint(out, state, adapter_tensors(model), optimizer.state)
+                    for c in callbacks:
+                        c.on_checkpoint(state.step, path)
+                if stopping:
+                    ui.log(
+                        f"early stop at step {state.step}: no improvement in "
+                        f"{config.early_stopping_patience} evaluations"
+                    )
+        model.eval()
+        result = _finish(out, model, fingerprint, state, config, valid_examples is not None)
+    result.resumed_from = resumed_from
+    result.seconds = time.perf_counter() - started
+    for c in callbacks:
+        c.on_train_end(result)
+    return result
+
+
+def _train_step(step_fn, model, optimizer, batches, state: TrainState, config) -> dict:
+    """One optimiser step over `grad_accumulation` micro-batches; returns its metrics record."""
+    step = state.step + 1
+    tic = time.perf_counter()
+    carry = None
+    accum = config.grad_accumulation
+    for micro in range(accum):
+        inputs, targets, loss_mask = next(batches)
+        mx.random.seed(step_seed(config.seed, step, micro))
+        loss, ntoks, carry = step_fn(inputs, targets, loss_mask, carry, micro == accum - 1)
+        # One evaluation per compiled call: the new weights, optimiser and random state.
+        mx.eval(model.state, optimizer.state, mx.random.state, loss, ntoks, carry)
+    seconds = time.perf_counter() - tic
+    tokens = int(ntoks.item())
+    state.step = step
+    state.losses.append(loss.item())
+    state.trained_tokens += tokens
+    return {
+        "step": step,
+        "loss": state.losses[-1],
+        # After the update the optimiser holds the rate it has just used.
+        "learning_rate": optimizer.learning_rate.item(),
+        "tokens": tokens,
+        "tokens_per_second": tokens / seconds,
+        "trained_tokens": state.trained_tokens,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
+
+
+def _record_validation(state: TrainState, step: int, loss: float) -> bool:
+    """Add a validation loss to the state; True when it is the best so far."""
+    state.val_losses.append([step, loss])
+    if state.best_val_loss is None or loss < state.best_val_loss:
+        state.best_val_loss, state.best_step, state.evals_since_best = loss, step, 0
+        return True
+    state.evals_since_best += 1
+    return False
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def _should_stop(state: TrainState, config: TrainConfig) -> bool:
+    patience = config.early_stopping_patience
+    return patience is not None and state.evals_since_best >= patience
+
+
+def examples_fingerprint(examples) -> str:
+    """sha256 over every example's tokens and loss mask, in order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(np.asarray(example["input_ids"], dtype=np.int64).tobytes())
+        digest.update(np.asarray(example["loss_mask"], dtype=np.int8).tobytes())
+        digest.update(b"|")  # so that example boundaries count
+    return digest.hexdigest()
+
+
+def _start(out: Path, config: TrainConfig, model, optimizer, identity: dict):
+    """(TrainState, step resumed from or None): a fresh state, or the newest checkpoint's
+    with the model's adapters and the optimizer filled from it."""
+    found = latest_checkpoint(out)
+    if found is None or not config.resume:
+        if found is not None:
+            raise CheckpointError(
+                f"{out} holds checkpoints of an earlier run (the newest: {found.name}). Pass "
+                "--resume (resume: true) to continue it, or choose another adapter_path."
+            )
+        return TrainState(seed=config.seed, config=_comparable(config), **identity), None
+    state, weights, optimizer_state = load_checkpoint(found)
+    for key, what in (("base_fingerprint", "base model"), ("data_fingerprint", "training data")):
+        if getattr(state, key) != identity[key]:
+            raise CheckpointError(
+                f"{found}: the {what} is not the one this run was trained on, so it cannot be "
+                f"resumed with it. Use the original {what}, or start a new run in another "
+                "adapter_path."
+            )
+    changed = sorted(
+        k
+        for k, v in _comparable(config).items()
+        if k not in RESUMABLE_CHANGES and state.config.get(k) != v
+    )
+    if changed:
+        details = ", ".join(f"{k}: {state.config.get(k)!r} -> {getattr(config, k)!r}" for k in changed)  # fmt: skip
+        raise CheckpointError(
+            f"{found}: cannot resume with changed settings ({details}); use the settings of "
+            "the interrupted run, or start a new run in another adapter_path."
+        )
+    expected = adapter_tensors(model)
+    if set(weights) != set(expected):
+        raise CheckpointError(f"{found}: its adapter tensors do not match this model's adapters.")
+    model.load_weights(list(weights.items()), strict=False)
+    restore_optimizer_state(optimizer, model.trainable_parameters(), optimizer_state, found)
+    mx.eval(model.parameters(), optimizer.state)
+    state.config = _comparable(config)
+    return state, state.step
+
+
+def _comparable(config: TrainConfig) -> dict:
+    # JSON-shaped (lists, not tuples), so it compares equal to what a checkpoint read back.
+    data = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def _finish(out, model, fingerprint, state, config, has_valid: bool) -> TrainResult:
+    """Save the final adapter(s), draw the loss curve, and say what happened."""
+    best = config.keep_best and has_valid and state.best_step is not None
+    # With keep_best, the adapter folder already holds the best adapter; the last goes beside.
+    save_adapter(out / LAST_ADAPTER_DIR if best else out, model, config.lora_config(), fingerprint)
+    if best:
+        weights = mx.load(str(out / ADAPTER_WEIGHTS_FILE))
+        model.load_weights(list(weights.items()), strict=False)
+    records = read_metrics(out / METRICS_FILE)
+    plot = plot_losses(records, out / PLOT_FILE, title=out.name) if records else None
+    return TrainResult(
+        adapter_path=out,
+        steps=state.step,
+        losses=list(state.losses),
+        val_losses=[(int(s), v) for s, v in state.val_losses],
+        best_val_loss=state.best_val_loss,
+        best_step=state.best_step,
+        stopped_early=_should_stop(state, config),
+        trained_tokens=state.trained_tokens,
+        seconds=0.0,
+        resumed_from=None,
+        metrics_path=out / METRICS_FILE,
+        plot_path=plot,
+    )

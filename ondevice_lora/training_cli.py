@@ -1,0 +1,160 @@
+"""`ondevice-lora train` and `ondevice-lora eval`.
+
+`train` has one flag per TrainConfig field, generated from the dataclass (so a new field is a
+new flag), plus `--config file.yaml`. Defaults, then the file, then the flags fill the one
+TrainConfig. Registered on the main group by cli.py as `train_command` and `eval_command`;
+`python -m ondevice_lora.training_cli` runs them on their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import click
+
+from .errors import OndeviceLoraError
+from .training.config import TrainConfig
+from .training.evaluate import EvalConfig
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(value, list):
+        value = ",".join(value)
+    return (
+        "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
+
+
+def _option(f: dataclasses.Field):
+    """A click option for one TrainConfig field; unset flags stay None (the file decides)."""
+    help_text = f"{f.metadata.get('help', '')} [default: {_default_text(f)}]"
+    kind = str(f.type)
+    if kind == "bool":
+        flag = _flag(f.name)
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+    if kind.startswith("float"):
+        type_ = click.FLOAT
+    elif kind.startswith("int"):
+        type_ = click.INT
+    else:
+        type_ = click.STRING
+    return click.option(_flag(f.name), f.name, type=type_, default=None, help=help_text)
+
+
+def _train_options(command):
+    # click applies decorators bottom-up; reversed keeps --help in the dataclass's order.
+    for f in reversed(list(_FIELDS.values())):
+        command = _option(f)(command)
+    return command
+
+
+def _user_errors(command):
+    """Our input errors end the command with their message, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OndeviceLoraError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def config_from_flags(config_file, flags: dict) -> TrainConfig:
+    """The TrainConfig of a `train` command line: defaults, then the YAML file, then flags."""
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if (
+        isinstance(overrides.get("target_modules"), str)
+        and overrides["target_modules"] != "all-linear"
+    ):
+        overrides["target_modules"] = [t.strip() for t in overrides["target_modules"].split(",") if t.strip()]  # fmt: skip
+    flag_names = {k: _flag(k) for k in overrides}
+    if config_file is not None:
+        return TrainConfig.from_yaml(config_file, overrides, flag_names)
+    return TrainConfig.from_sources({}, {}, overrides, flag_names)
+
+
+@click.command("train")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML file of settings (the keys are the flag names with underscores); flags win.",
+)
+@_train_options
+@_user_errors
+def train_command(config_file, **flags):
+    """Train a LoRA adapter on your data, offline; resumable with --resume."""
+    from .training.api import train_from_config
+
+    result = train_from_config(config_from_flags(config_file, flags))
+    click.echo(f"adapter: {result.adapter_path}")
+    click.echo(f"steps: {result.steps}, trained tokens: {result.trained_tokens}")
+    if result.losses:
+        click.echo(f"final training loss: {result.losses[-1]:.4f}")
+    if result.best_val_loss is not None:
+        click.echo(f"best validation loss: {result.best_val_loss:.4f} (step {result.best_step})")
+    if result.stopped_early:
+        click.echo("stopped early: the validation loss stopped improving")
+    click.echo(f"metrics: {result.metrics_path}")
+    if result.plot_path is not None:
+        click.echo(f"loss curve: {result.plot_path}")
+
+
+_EVAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+
+
+@click.command("eval")
+@click.option("--model", default=None, help="Base model folder, .gguf or cached Hub id.")
+@click.option("--adapter", "adapter_path", default=None, help="Adapter folder (omit: base only).")
+@click.option("--data", required=True, help="A .jsonl file, notes, or a folder with test.jsonl.")
+@click.option("--batch-size", type=int, default=_EVAL_DEFAULTS["batch_size"], show_default=True)
+@click.option("--max-length", type=int, default=_EVAL_DEFAULTS["max_length"], show_default=True)
+@click.option(
+    "--num-batches",
+    type=int,
+    default=_EVAL_DEFAULTS["num_batches"],
+    show_default=True,
+    help="Batches to evaluate (-1: all).",
+)
+@click.option(
+    "--loss-on",
+    default=_EVAL_DEFAULTS["loss_on"],
+    show_default=True,
+    help="assistant, last_assistant or all.",
+)
+@click.option(
+    "--offline-guard/--no-offline-guard",
+    default=True,
+    show_default=True,
+    help="Refuse every network connection while evaluating.",
+)
+@_user_errors
+def eval_command(**options):
+    """Loss and perplexity on a test set, with and without the adapter."""
+    from .training.evaluate import evaluate_from_config
+
+    result = evaluate_from_config(EvalConfig(**options))
+    click.echo(result.summary())
+
+
+@click.group()
+def _standalone():
+    """train and eval, for `python -m ondevice_lora.training_cli`."""
+
+
+_standalone.add_command(train_command)
+_standalone.add_command(eval_command)
+
+if __name__ == "__main__":
+    _standalone()
