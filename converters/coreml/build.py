@@ -1,0 +1,322 @@
+"""MIL builder for a Llama / Qwen2 / Qwen3 decoder with a stateful KV cache.
+
+One `convert_<piece>()` per piece of the network, each adding MIL ops for one piece to the
+function being built; `convert_decoder()` assembles them into one function (prefill or decode)
+and `build_program()` wraps it in a program. The weights arrive as numpy arrays (see
+`DecoderWeights`, filled from an MLX model by weights.py), so nothing here depends on MLX. The
+package layout is described in export.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Function, Program, types
+from coremltools.converters.mil.mil.var import Var
+
+from .settings import OPSET, STATE_DTYPE, Precision
+
+STATE_NAMES = ("key_cache", "value_cache")
+LOW_STATE_NAMES = ("key_cache_low", "value_cache_low")  # fp32 exports only
+# The linear layers of a decoder layer, by the submodule that holds them (Hugging Face names).
+PROJECTIONS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+@dataclass
+class QuantizedWeight:
+    """A (rows, cols) matrix as 4- or 8-bit codes: W = scale * (code - offset) per block of
+    group_size columns.
+
+    codes: uint8 (rows, cols) in [0, 2^bits); scales, offsets: fp16 (rows, cols // group_size).
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray
+    bits: int = 4
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.size * self.bits // 8 + self.scales.nbytes + self.offsets.nbytes
+
+
+@dataclass
+class LoraBranch:
+    """An unmerged adapter on one linear layer: scale * (x @ a.T) @ b.T.
+
+    a (r, in) and b (out, r) are numpy arrays (constants) or MIL vars (function inputs);
+    row_factor (out,) is DoRA's magnitude / ||W + scale * b @ a|| applied to the whole output.
+    """
+
+    a: np.ndarray | Var
+    b: np.ndarray | Var
+    scale: float | Var
+    row_factor: np.ndarray | None = None
+
+
+@dataclass
+class LinearWeights:
+    weight: np.ndarray | QuantizedWeight  # (out, in)
+    bias: np.ndarray | None = None
+    lora: LoraBranch | None = None
+
+
+@dataclass
+class LayerWeights:
+    q_proj: LinearWeights
+    k_proj: LinearWeights
+    v_proj: LinearWeights
+    o_proj: LinearWeights
+    gate_proj: LinearWeights
+    up_proj: LinearWeights
+    down_proj: LinearWeights
+    input_layernorm: np.ndarray
+    post_attention_layernorm: np.ndarray
+    q_norm: np.ndarray | None = None  # Qwen3: RMSNorm over each head
+    k_norm: np.ndarray | None = None
+
+
+@dataclass
+class DecoderWeights:
+    """Everything a decoder function needs; lm_head None means it is tied to the embedding."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    embedding: np.ndarray | QuantizedWeight  # (vocab, hidden)
+    layers: list[LayerWeights]
+    norm: np.ndarray
+    lm_head: LinearWeights | None
+    rope_cos: np.ndarray  # (context_length, head_dim), rows are positions
+    rope_sin: np.ndarray  # (context_length, head_dim), first half negated (see convert_rope)
+    precision: Precision
+
+    @property
+    def context_length(self) -> int:
+        return self.rope_cos.shape[0]
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int, int]:
+        return (len(self.layers), self.num_kv_heads, self.context_length, self.head_dim)
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+
+def _weight(w: np.ndarray | QuantizedWeight, dtype) -> Var:
+    """A constant weight: dense in the compute dtype, or de-quantised from its codes."""
+    if isinstance(w, QuantizedWeight):
+        # uint4 codes are stored packed, two per byte; Core ML expands them at load time.
+        data_type = types.np_uint4_dtype if w.bits == 4 else np.uint8
+        return mb.constexpr_blockwise_shift_scale(
+            data=w.codes.astype(data_type),
+            scale=w.scales.astype(np.float16),
+            offset=w.offsets.astype(np.float16),
+        )
+    return mb.const(val=w.astype(dtype))
+
+
+def convert_embedding(input_ids: Var, table: Var) -> Var:
+    """(1, L) ids -> (1, L, hidden) rows of the embedding table."""
+    return mb.gather(x=table, indices=input_ids, axis=0)
+
+
+def convert_linear(x: Var, lin: LinearWeights, precision: Precision) -> Var:
+    """x @ W.T + bias, plus the unmerged adapter branch when there is one."""
+    dtype = precision.np_dtype
+    weight = _weight(lin.weight, dtype)
+    bias = None if lin.bias is None else lin.bias.astype(dtype)
+    lora = lin.lora
+    if lora is None:
+        return mb.linear(x=x, weight=weight, bias=bias)
+    y = mb.linear(x=x, weight=weight)
+    # matmul, not linear, so that a and b may be function inputs as well as constants.
+    a = lora.a.astype(dtype) if isinstance(lora.a, np.ndarray) else lora.a
+    b = lora.b.astype(dtype) if isinstance(lora.b, np.ndarray) else lora.b
+    down = mb.matmul(x=x, y=a, transpose_y=True)  # (1, L, r)
+    up = mb.matmul(x=down, y=b, transpose_y=True)  # (1, L, out)
+    scale = np.array(lora.scale, dtype) if isinstance(lora.scale, (int, float)) else lora.scale
+    y = mb.add(x=y, y=mb.mul(x=up, y=scale))
+    if lora.row_factor is not None:
+        y = mb.mul(x=y, y=lora.row_factor.astype(dtype))
+    return y if bias is None else mb.add(x=y, y=bias)
+
+
+def convert_norm(x: Var, weight: np.ndarray, eps: float, precision: Precision) -> Var:
+    """RMSNorm over the last axis. Core ML has no RMSNorm op.
+
+    fp16: mean(x * x) overflows fp16 on real models, so use layer_norm on concat([x, -x]),
+    whose mean is exactly 0 and variance exactly mean(x * x); the first half is RMSNorm(x).
+    """
+    dtype = precision.np_dtype
+    if precision.dtype == types.fp32:
+        mean_square = mb.reduce_mean(x=mb.mul(x=x, y=x), axes=[-1], keep_dims=True)
+        inv_rms = mb.rsqrt(x=mean_square, epsilon=np.array(eps, dtype))
+        return mb.mul(x=mb.mul(x=x, y=inv_rms), y=weight.astype(dtype))
+    n = x.shape[-1]
+    both = mb.concat(values=[x, mb.mul(x=x, y=np.array(-1, dtype))], axis=-1)
+    gamma = np.concatenate([weight, weight]).astype(dtype)
+    normed = mb.layer_norm(x=both, axes=[-1], gamma=gamma, epsilon=np.array(eps, dtype))
+    rank = len(x.shape)
+    return mb.slice_by_index(
+        x=normed, begin=[0] * rank, end=[*x.shape[:-1], n], end_mask=[True] * (rank - 1) + [False]
+    )
+
+
+def convert_rope(x: Var, cos: Var, sin: Var) -> Var:
+    """Rotary embedding, Hugging Face's rotate-half layout: x * cos + rotate_half(x) * sin.
+
+    x: (1, heads, L, head_dim); cos, sin: (L, head_dim). sin's first half is stored negated, so
+    rotate_half(x) * sin == concat([x2, x1]) * sin, one op fewer than negating x2.
+    """
+    half = x.shape[-1] // 2
+    x1 = mb.slice_by_index(x=x, begin=[0, 0, 0, 0], end=[*x.shape[:3], half])
+    x2 = mb.slice_by_index(x=x, begin=[0, 0, 0, half], end=list(x.shape))
+    swapped = mb.concat(values=[x2, x1], axis=-1)
+    return mb.add(x=mb.mul(x=x, y=cos), y=mb.mul(x=swapped, y=sin))
+
+
+@dataclass
+class Step:
+    """What every layer of one function shares: the call's positions and the threaded caches.
+
+    caches maps each state name to the latest value of that state: each state is read once at
+    the start and every layer works on the value the previous layer produced. Reading a state
+    again per layer is miscompiled by coremltools' common::remove_redundant_ops (PR 2786).
+    """
+
+    length: int
+    position: Var  # (1,) int32
+    cos: Var  # (L, head_dim)
+    sin: Var
+    mask: Var  # (n_rep * L, context_length) bool, True where a query may see a key
+    caches: dict[str, Var]
+
+
+def convert_kv_cache(step: Step, index: int, keys: Var, values: Var, w: DecoderWeights):
+    """Write this call's keys and values into layer `index` of the caches; return the layer's
+    full (1, kv_heads, context, head_dim) keys and values in the compute dtype."""
+    _, kv_heads, context, head_dim = w.cache_shape
+    begin = mb.concat(
+        values=[np.array([index, 0], np.int32), step.position, np.array([0], np.int32)], axis=0
+    )
+    end = mb.add(x=begin, y=np.array([1, kv_heads, step.length, head_dim], np.int32))
+    layer = {"begin": [index, 0, 0, 0], "end": [index + 1, kv_heads, context, head_dim]}
+    out = []
+    for new, name, low_name in zip((keys, values), STATE_NAMES, LOW_STATE_NAMES):
+        high = mb.cast(x=new, dtype="fp16") if new.dtype != STATE_DTYPE else new
+        step.caches[name] = mb.slice_update(x=step.caches[name], update=high, begin=begin, end=end)
+        full = mb.slice_by_index(x=step.caches[name], **layer)
+        if w.precision.split_cache:
+            # fp16(x) + fp16(x - fp16(x)) keeps ~22 bits of x: fp32 parity with fp16 states.
+            low = mb.cast(x=mb.sub(x=new, y=mb.cast(x=high, dtype="fp32")), dtype="fp16")
+            step.caches[low_name] = mb.slice_update(
+                x=step.caches[low_name], update=low, begin=begin, end=end
+            )
+            full_low = mb.slice_by_index(x=step.caches[low_name], **layer)
+            full = mb.add(x=mb.cast(x=full, dtype="fp32"), y=mb.cast(x=full_low, dtype="fp32"))
+        out.append(full)
+    return out
+
+
+def convert_attention(x: Var, layer: LayerWeights, index: int, step: Step, w: DecoderWeights):
+    """Grouped-query attention over the cache: (1, L, hidden) -> (1, L, hidden)."""
+    p, L = w.precision, step.length
+    heads, kv_heads, head_dim = w.num_heads, w.num_kv_heads, w.head_dim
+
+    def project(lin, n, norm):
+        y = mb.reshape(x=convert_linear(x, lin, p), shape=[1, L, n, head_dim])
+        if norm is not None:  # Qwen3 normalises each head before the rotation
+            y = convert_norm(y, norm, w.rms_norm_eps, p)
+        return mb.transpose(x=y, perm=[0, 2, 1, 3])  # (1, n, L, head_dim)
+
+    queries = convert_rope(project(layer.q_proj, heads, layer.q_norm), step.cos, step.sin)
+    keys = convert_rope(project(layer.k_proj, kv_heads, layer.k_norm), step.cos, step.sin)
+    values = project(layer.v_proj, kv_heads, None)
+    keys, values = convert_kv_cache(step, index, keys, values, w)
+    # Query heads h*n_rep .. h*n_rep + n_rep - 1 share KV head h: fold them into the query
+    # length, (1, heads, L, d) -> (1, kv_heads, n_rep * L, d), instead of repeating the cache.
+    grouped = mb.reshape(x=queries, shape=[1, kv_heads, heads // kv_heads * L, head_dim])
+    out = mb.scaled_dot_product_attention(
+        query=grouped, key=keys, value=values, attn_mask=step.mask
+    )
+    out = mb.reshape(x=out, shape=[1, heads, L, head_dim])
+    out = mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[1, L, heads * head_dim])
+    return convert_linear(out, layer.o_proj, p)
+
+
+def convert_mlp(x: Var, layer: LayerWeights, precision: Precision) -> Var:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    gate = mb.silu(x=convert_linear(x, layer.gate_proj, precision))
+    return convert_linear(
+        mb.mul(x=gate, y=convert_linear(x, layer.up_proj, precision)), layer.down_proj, precision
+    )
+
+
+def convert_lm_head(h: Var, w: DecoderWeights, embedding: Var) -> Var:
+    """(1, L, hidden) -> (1, L, vocab) logits; a tied head reuses the embedding constant."""
+    if w.lm_head is None:
+        return mb.linear(x=h, weight=embedding, name="logits")
+    return mb.identity(x=convert_linear(h, w.lm_head, w.precision), name="logits")
+
+
+def _step(w: DecoderWeights, length: int, position: Var, caches: dict[str, Var]) -> Step:
+    """Positions, rotary rows and the causal mask for one call of `length` tokens."""
+    offsets = np.arange(length, dtype=np.int32)
+    positions = mb.add(x=position, y=offsets)  # (L,) absolute positions of this call
+    cos = mb.gather(x=w.rope_cos.astype(w.precision.np_dtype), indices=positions, axis=0)
+    sin = mb.gather(x=w.rope_sin.astype(w.precision.np_dtype), indices=positions, axis=0)
+    # Rows follow the grouped query layout of convert_attention: n_rep blocks of L queries.
+    n_rep = w.num_heads // w.num_kv_heads
+    query_positions = mb.add(x=position, y=np.tile(offsets, n_rep).reshape(-1, 1))  # (n_rep*L, 1)
+    key_index = np.arange(w.context_length, dtype=np.int32).reshape(1, -1)  # (1, context)
+    mask = mb.less_equal(x=key_index, y=query_positions)  # (n_rep * L, context)
+    return Step(length, position, cos, sin, mask, caches)
+
+
+def state_names(precision: Precision) -> tuple[str, ...]:
+    return STATE_NAMES + (LOW_STATE_NAMES if precision.split_cache else ())
+
+
+def convert_decoder(w: DecoderWeights, length: int) -> Function:
+    """One function: input_ids (1, length), position (1,) and the cache states -> logits."""
+    specs = {
+        "input_ids": mb.TensorSpec((1, length), dtype=types.int32),
+        "position": mb.TensorSpec((1,), dtype=types.int32),
+    }
+    for name in state_names(w.precision):
+        specs[name] = mb.StateTensorSpec(w.cache_shape, dtype=STATE_DTYPE)
+    with Function(specs, opset_version=OPSET) as func:
+        states = {name: func.inputs[name] for name in state_names(w.precision)}
+        caches = {name: mb.read_state(input=state) for name, state in states.items()}
+        step = _step(w, length, func.inputs["position"], caches)
+        embedding = _weight(w.embedding, w.precision.np_dtype)
+        h = convert_embedding(func.inputs["input_ids"], embedding)
+        for index, layer in enumerate(w.layers):
+            normed = convert_norm(h, layer.input_layernorm, w.rms_norm_eps, w.precision)
+            h = mb.add(x=h, y=convert_attention(normed, layer, index, step, w))
+            normed = convert_norm(h, layer.post_attention_layernorm, w.rms_norm_eps, w.precision)
+            h = mb.add(x=h, y=convert_mlp(normed, layer, w.precision))
+        # One write per state, after the last layer has threaded its update through.
+        for name, state in states.items():
+            mb.coreml_update_state(state=state, value=step.caches[name])
+        h = convert_norm(h, w.norm, w.rms_norm_eps, w.precision)
+        func.set_outputs([convert_lm_head(h, w, embedding)])
+    return func
+
+
+def build_program(w: DecoderWeights, length: int) -> Program:
+    """A single-function ("main") program for calls of `length` tokens."""
+    program = Program()
+    program.add_function("main", convert_decoder(w, length))
+    return program

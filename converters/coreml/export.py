@@ -1,0 +1,308 @@
+"""Export an MLX decoder (optionally with its LoRA adapter) to one stateful Core ML package.
+
+The package contract (format_version 1); the validator and the iOS app rely on every line:
+
+Package: one ``.mlpackage`` (ML program, iOS 18 / macOS 15) with two functions sharing weights
+and states, built by ``ct.utils.save_multifunction``; the default function is ``decode``.
+
+- ``prefill``: ``input_ids`` int32 (1, prefill_length); a prompt is fed in chunks of
+  prefill_length tokens, the last chunk padded at its end with any id (0). The app keeps the
+  logits of real tokens only; padded positions write keys and values past the prompt, which the
+  next call overwrites before any query may see them.
+- ``decode``: ``input_ids`` int32 (1, 1), one token.
+- Both: ``position`` int32 (1,): the number of tokens already in the cache, i.e. the position of
+  input_ids[0, 0]. The caller must keep position + L <= context_length.
+- States (read once per function, updated in place, written back once at the end):
+  ``key_cache`` and ``value_cache``, fp16, shape (num_layers, num_kv_heads, context_length,
+  head_dim), all layers in one state each. Keys are stored after the rotary embedding (and
+  after Qwen3's q/k norm). fp32 exports add ``key_cache_low`` and ``value_cache_low`` of the same
+  shape holding the fp16 rounding residual (x - fp16(x)): fp16(x) + low keeps about 22 bits,
+  so an fp32 export matches MLX in fp32 (Core ML states can only be fp16).
+- Output: ``logits`` (1, L, vocab_size); fp16 for int4 and fp16 exports, fp32 for fp32.
+- Attention: query i (0-based within the call) sees cache entries at index <= position + i;
+  the mask is built in the graph from ``position``; grouped-query heads share their KV head
+  (query head h uses KV head h // (num_heads / num_kv_heads), as in Hugging Face).
+
+Precision: "fp32" (fp32 weights and compute), "fp16" (fp16 weights and compute), "int4" (fp16
+compute; every linear weight and the embedding stored as codes with a per-block fp16 scale
+and offset, ``constexpr_blockwise_shift_scale``: W = scale * (code - offset), MLX's affine
+grid with offset = -bias / scale, block = (1, group_size)). Codes are uint4, except that a
+base layer MLX holds at 8 bits (a GGUF Q8_0 embedding) keeps its uint8 codes: re-quantising
+it would change the model. Norms and biases stay fp16.
+
+Adapters: fp16/fp32 exports merge LoRA/DoRA into the (de-quantised) weights. int4 exports keep
+the base's 4-bit codes untouched and add the adapter as an unmerged branch,
+``linear(x, W) + scale * matmul(matmul(x, A^T), B^T)`` (DoRA: times its per-row factor).
+
+User-defined metadata (strings): ``ondevice_lora.format_version`` ("1"),
+``ondevice_lora.context_length``, ``ondevice_lora.prefill_length``, ``ondevice_lora.precision``,
+``ondevice_lora.model_type``, ``ondevice_lora.base_fingerprint`` (JSON of base_fingerprint()),
+``ondevice_lora.adapter_config`` (JSON of the adapter's config, or "null"),
+``ondevice_lora.adapter_mode`` ("none", "merged" or "unmerged"). Inputs, outputs and states
+carry a shortDescription in every function.
+
+Beside the package (same folder): tokenizer.json, tokenizer_config.json and special_tokens.json
+(bos/eos/pad ids, special token strings, chat template, context and prefill lengths). They
+are shared by every package in that folder, so keep one model's packages per folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+from coremltools.converters.mil.mil import Program
+
+from ondevice_lora.adapters import LoraConfig
+from ondevice_lora.atomic import write_text_atomically
+from ondevice_lora.errors import OndeviceLoraError
+from ondevice_lora.fingerprint import base_fingerprint
+from ondevice_lora.lora import adapter_modules
+
+from .build import PROJECTIONS, DecoderWeights, LinearWeights, QuantizedWeight, build_program
+from .settings import convert_program, get_precision, quiet_progress
+from .weights import decoder_weights
+
+FORMAT_VERSION = "1"
+METADATA_PREFIX = "ondevice_lora."
+PREFILL_FUNCTION, DECODE_FUNCTION = "prefill", "decode"
+SPECIAL_TOKENS_FILE = "special_tokens.json"
+
+DESCRIPTIONS = {
+    "input_ids": "Token ids, int32 (1, L): L = {prefill} in prefill (pad the last chunk at its "
+    "end; ignore the logits of padding), 1 in decode.",
+    "position": "int32 (1,): the number of tokens already in the KV cache, i.e. the position of "
+    "input_ids[0, 0]. Keep position + L <= {context}.",
+    "logits": "Next-token logits (1, L, vocab) for every input position.",
+    "key_cache": "Keys of every layer after the rotary embedding, (layers, kv_heads, {context}, "
+    "head_dim).",
+    "value_cache": "Values of every layer, (layers, kv_heads, {context}, head_dim).",
+    "key_cache_low": "fp16 rounding residual of key_cache: keys = key_cache + key_cache_low.",
+    "value_cache_low": "fp16 rounding residual of value_cache.",
+}
+
+
+class CoreMLExportError(OndeviceLoraError):
+    """An export was asked for with settings that cannot work."""
+
+
+@dataclass
+class ExportResult:
+    """What export_coreml wrote. weight_bytes is what the weights need at their stored width
+    (4-bit codes count half a byte); package_bytes is the package's size on disk."""
+
+    path: Path
+    precision: str
+    context_length: int
+    prefill_length: int
+    package_bytes: int
+    weight_bytes: int
+    adapter_mode: str
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        mb = 1024 * 1024
+        overhead = self.package_bytes / self.weight_bytes - 1 if self.weight_bytes else 0.0
+        return (
+            f"{self.path}: {self.package_bytes / mb:.2f} MiB on disk, weights "
+            f"{self.weight_bytes / mb:.2f} MiB ({self.precision}, {overhead:+.1%} for the program "
+            f"and layout), context {self.context_length}, prefill chunks of "
+            f"{self.prefill_length}, adapter {self.adapter_mode}, built in {self.seconds:.1f} s"
+        )
+
+
+def export_coreml(
+    model,
+    tokenizer,
+    out_path,
+    precision: str = "int4",
+    context_length: int = 512,
+    adapter_config: dict | LoraConfig | None = None,
+    fingerprint: dict | None = None,
+    prefill_length: int = 32,
+    group_size: int = 32,
+) -> ExportResult:
+    """Export `model` (ours, with or without adapters) to the package described above.
+
+    tokenizer: written beside the package (None writes no side files).
+    adapter_config: the adapter's settings (a LoraConfig or its to_dict()), for the metadata.
+    fingerprint: the base's base_fingerprint(); computed from model and tokenizer when None.
+    group_size: the block width when an int4 export quantises a layer whose codes it cannot
+    keep (see weights.quantize_for_int4, which makes the matching MLX reference).
+    Raises CoreMLExportError for settings that cannot work.
+    """
+    start = time.perf_counter()
+    out_path = Path(out_path)
+    _check_settings(out_path, context_length, prefill_length)
+    try:
+        p = get_precision(precision)
+        w = decoder_weights(model, p, context_length, group_size)
+    except ValueError as e:
+        raise CoreMLExportError(f"cannot export to {out_path}: {e}") from None
+    adapters = adapter_modules(model)
+    mode = "none" if not adapters else "unmerged" if p.int4 else "merged"
+    if fingerprint is None:
+        fingerprint = base_fingerprint(model, tokenizer)
+    if isinstance(adapter_config, LoraConfig):
+        adapter_config = adapter_config.to_dict()
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "context_length": str(context_length),
+        "prefill_length": str(prefill_length),
+        "precision": precision,
+        "model_type": model.args.model_type,
+        "base_fingerprint": json.dumps(fingerprint, sort_keys=True),
+        "adapter_config": json.dumps(adapter_config, sort_keys=True),
+        "adapter_mode": mode,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    programs = {
+        PREFILL_FUNCTION: build_program(w, prefill_length),
+        DECODE_FUNCTION: build_program(w, 1),
+    }
+    save_package(programs, out_path, metadata)
+    files = _write_side_files(tokenizer, out_path, context_length, prefill_length)
+    return ExportResult(
+        path=out_path,
+        precision=precision,
+        context_length=context_length,
+        prefill_length=prefill_length,
+        package_bytes=folder_bytes(out_path),
+        weight_bytes=weight_bytes(w),
+        adapter_mode=mode,
+        seconds=time.perf_counter() - start,
+        files=files,
+    )
+
+
+def _check_settings(out_path: Path, context_length: int, prefill_length: int) -> None:
+    problems = []
+    if out_path.suffix != ".mlpackage":
+        problems.append(f"the output must end in .mlpackage, got {out_path.name!r}")
+    if out_path.exists() and not (out_path / "Manifest.json").is_file():
+        problems.append(f"{out_path} exists and is not a Core ML package; it will not be replaced")
+    if not isinstance(context_length, int) or context_length < 2:
+        problems.append(f"context_length must be an integer >= 2, got {context_length!r}")
+    elif not isinstance(prefill_length, int) or not 1 <= prefill_length <= context_length:
+        problems.append(
+            f"prefill_length must be an integer in [1, context_length={context_length}], "
+            f"got {prefill_length!r}"
+        )
+    if problems:
+        raise CoreMLExportError("cannot export to Core ML:\n  - " + "\n  - ".join(problems))
+
+
+def save_package(
+    programs: dict[str, Program],
+    out_path: Path,
+    metadata: dict[str, str],
+    default_function: str = DECODE_FUNCTION,
+    descriptions: dict[str, str] | None = None,
+) -> None:
+    """Convert each program, merge them as the functions of one package (bit-identical weights
+    are stored once, states are shared by name), describe it, and move it into place,
+    replacing an older package.
+
+    metadata: stored under "ondevice_lora.<key>"; its context_length and prefill_length fill in
+    the descriptions. descriptions: of inputs beyond those in DESCRIPTIONS, by name.
+    """
+    descriptions = {**DESCRIPTIONS, **(descriptions or {})}
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".coreml-export-") as tmp:
+        tmp = Path(tmp)
+        desc = ct.utils.MultiFunctionDescriptor()
+        for name, program in programs.items():
+            part = tmp / f"{name}.mlpackage"
+            convert_program(program).save(str(part))
+            desc.add_function(str(part), src_function_name="main", target_function_name=name)
+        desc.default_function_name = default_function
+        merged = tmp / "merged.mlpackage"
+        with quiet_progress():
+            ct.utils.save_multifunction(desc, str(merged))
+        # Metadata and descriptions are edited on the merged spec; loading it needs no runtime.
+        model = ct.models.MLModel(str(merged), skip_model_load=True)
+        spec = model.get_spec()
+        _describe(spec, metadata, descriptions)
+        final = tmp / out_path.name
+        ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True).save(
+            str(final)
+        )
+        if out_path.exists():
+            os.replace(out_path, tmp / "replaced.mlpackage")  # removed with tmp
+        os.replace(final, out_path)
+
+
+def _describe(spec, metadata: dict, descriptions: dict[str, str]) -> None:
+    values = {"prefill": metadata["prefill_length"], "context": metadata["context_length"]}
+    for function in spec.description.functions:
+        for feature in [*function.input, *function.output, *function.state]:
+            feature.shortDescription = descriptions[feature.name].format(**values)
+    meta = spec.description.metadata
+    meta.author = "ondevice-lora"
+    meta.shortDescription = (
+        f"{metadata['model_type']} decoder ({metadata['precision']}), prefill and decode "
+        f"functions over a {metadata['context_length']}-token KV-cache state"
+    )
+    for key, value in metadata.items():
+        meta.userDefined[METADATA_PREFIX + key] = value
+
+
+def _write_side_files(tokenizer, out_path: Path, context_length: int, prefill_length: int):
+    """tokenizer.json, tokenizer_config.json and special_tokens.json beside the package."""
+    if tokenizer is None:
+        return []
+    folder = out_path.parent
+    tokenizer.save(folder)
+    info = {
+        "package": out_path.name,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_ids": tokenizer.eos_token_ids,
+        "pad_token_id": tokenizer.pad_token_id,
+        "add_bos_token": tokenizer.add_bos_token,
+        "special_tokens": tokenizer.special,
+        "vocab_size": tokenizer.vocab_size,
+        "context_length": context_length,
+        "prefill_length": prefill_length,
+        "chat_template": tokenizer.chat_template,
+    }
+    special = write_text_atomically(
+        folder / SPECIAL_TOKENS_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n"
+    )
+    return [folder / "tokenizer.json", folder / "tokenizer_config.json", special]
+
+
+def weight_bytes(w: DecoderWeights) -> int:
+    """Bytes the weights need as stored: 4-bit codes plus scales and offsets, dense tensors at
+    the compute dtype (rotary tables included: they are weights of the program too)."""
+    itemsize = np.dtype(w.precision.np_dtype).itemsize
+
+    def size(a) -> int:
+        if a is None:
+            return 0
+        return a.nbytes if isinstance(a, QuantizedWeight) else a.size * itemsize
+
+    def linear(lin: LinearWeights | None) -> int:
+        if lin is None:
+            return 0
+        lora = lin.lora
+        extra = 0 if lora is None else size(lora.a) + size(lora.b) + size(lora.row_factor)
+        return size(lin.weight) + size(lin.bias) + extra
+
+    total = size(w.embedding) + size(w.norm) + linear(w.lm_head)
+    total += size(w.rope_cos) + size(w.rope_sin)
+    for layer in w.layers:
+        total += sum(linear(getattr(layer, n)) for names in PROJECTIONS.values() for n in names)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.q_norm, layer.k_norm)
+        total += sum(size(n) for n in norms)
+    return total
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
