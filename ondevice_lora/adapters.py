@@ -22,6 +22,7 @@ from .atomic import write_atomically
 from .errors import OndeviceLoraError, format_list
 from .fingerprint import base_fingerprint, fingerprint_differences
 from .lora import (
+    AdapterWrapper,
     DoRALinear,
     LoRALinear,
     adapter_modules,
@@ -30,6 +31,7 @@ from .lora import (
     fuse_adapters,
     linear_dims,
     replace_modules,
+    wrapped_modules,
 )
 from .weights import read_safetensors
 
@@ -44,12 +46,15 @@ __all__ = [
     "apply_adapters",
     "base_fingerprint",
     "base_parameters",
+    "check_adapter_base",
     "count_trainable",
     "expected_trainable",
     "fingerprint_differences",
     "fuse_adapters",
     "load_adapter",
     "read_adapter_config",
+    "read_adapter_tensors",
+    "resolve_targets",
     "save_adapter",
 ]
 
@@ -165,7 +170,7 @@ def _candidate_layers(model: nn.Module, num_layers: int | None):
         for rel, module in sorted(block.named_modules(), key=lambda item: item[0]):
             if any(rel.startswith(w + ".") for w in wrapped):
                 continue
-            if isinstance(module, LoRALinear):
+            if isinstance(module, AdapterWrapper):
                 wrapped.append(rel)
             elif not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
                 continue
@@ -204,7 +209,7 @@ def apply_adapters(model: nn.Module, config: LoraConfig) -> list[str]:
 
     Afterwards only the adapter tensors (lora_a, lora_b, and DoRA's magnitude) are trainable.
     """
-    if adapter_modules(model):
+    if wrapped_modules(model):
         raise AdapterError(
             "this model already has adapters; load a fresh base model to apply new ones."
         )
@@ -238,7 +243,7 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, t
     """The adapter tensors `config` gives `model`, by saved name, with their shapes."""
     shapes = {}
     for path, _, layer in resolve_targets(model, config):
-        in_dims, out_dims = linear_dims(layer.base if isinstance(layer, LoRALinear) else layer)
+        in_dims, out_dims = linear_dims(layer.base if isinstance(layer, AdapterWrapper) else layer)
         shapes[f"{path}.lora_a"] = (config.rank, in_dims)
         shapes[f"{path}.lora_b"] = (out_dims, config.rank)
         if config.fine_tune_type == "dora":
@@ -295,18 +300,36 @@ def load_adapter(model: nn.Module, folder, fingerprint: dict | None) -> LoraConf
     folder = Path(folder)
     config, base = read_adapter_config(folder)
     if fingerprint is not None:
-        if base is None:
-            raise AdapterError(
-                f"{folder / ADAPTER_CONFIG_FILE} does not say which base model it was trained "
-                f'on (no "{BASE_KEY}" entry), so it cannot be checked against this model.'
-            )
-        diffs = fingerprint_differences(base, fingerprint)
-        if diffs:
-            raise AdapterError(
-                f"{folder}: this adapter was trained on another base model:\n  - "
-                + "\n  - ".join(diffs)
-                + "\nLoad it with the base model it was trained on."
-            )
+        check_adapter_base(folder, base, fingerprint)
+    loaded = read_adapter_tensors(model, folder, config)
+    apply_adapters(model, config)
+    current = adapter_tensors(model)
+    model.update(tree_unflatten([(k, loaded[k].astype(v.dtype)) for k, v in current.items()]))
+    mx.eval(model.trainable_parameters())
+    return config
+
+
+def check_adapter_base(folder, saved_base: dict | None, fingerprint: dict) -> None:
+    """Raise AdapterError, saying what differs, unless the adapter in `folder` was trained on
+    the base whose base_fingerprint() is `fingerprint`; saved_base is its config's "base"."""
+    if saved_base is None:
+        raise AdapterError(
+            f"{Path(folder) / ADAPTER_CONFIG_FILE} does not say which base model it was trained "
+            f'on (no "{BASE_KEY}" entry), so it cannot be checked against this model.'
+        )
+    diffs = fingerprint_differences(saved_base, fingerprint)
+    if diffs:
+        raise AdapterError(
+            f"{folder}: this adapter was trained on another base model:\n  - "
+            + "\n  - ".join(diffs)
+            + "\nLoad it with the base model it was trained on."
+        )
+
+
+def read_adapter_tensors(model: nn.Module, folder, config: LoraConfig) -> dict[str, mx.array]:
+    """The tensors of `folder`'s adapters.safetensors, checked against the names and shapes
+    `config` gives `model`; raises AdapterError listing every missing, extra or misshapen one."""
+    folder = Path(folder)
     weights_path = folder / ADAPTER_WEIGHTS_FILE
     if not weights_path.is_file():
         raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS_FILE} is missing.")
@@ -327,8 +350,4 @@ def load_adapter(model: nn.Module, folder, fingerprint: dict | None) -> LoraConf
             f"{weights_path}: the tensors do not fit the settings in {ADAPTER_CONFIG_FILE}:\n  "
             + "\n  ".join(problems)
         )
-    apply_adapters(model, config)
-    current = adapter_tensors(model)
-    model.update(tree_unflatten([(k, loaded[k].astype(v.dtype)) for k, v in current.items()]))
-    mx.eval(model.trainable_parameters())
-    return config
+    return loaded

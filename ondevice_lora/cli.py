@@ -10,8 +10,11 @@ import dataclasses
 
 import click
 
+from .adapter_set import load_adapters, names_for
 from .convert import convert_command
 from .errors import OndeviceLoraError
+from .fast_blas import reexec_with_fast_blas
+from .fuse import fuse_command
 from .generate import SamplingConfig, stream_generate
 from .loading import load
 from .training_cli import eval_command, train_command
@@ -30,11 +33,27 @@ class _Group(click.Group):
             # ClickException prints "Error: <message>" to stderr and exits with code 1.
             raise click.ClickException(str(e)) from None
 
+    def main(self, args=None, *rest, **kwargs):
+        # args is None when run as a program (the console script, python -m): on Linux, restart
+        # once with OpenBLAS preloaded (fast_blas.py). In-process callers (click's CliRunner)
+        # pass args and are never re-executed.
+        if args is None:
+            reexec_with_fast_blas()
+        return super().main(args, *rest, **kwargs)
+
 
 @click.group(cls=_Group)
 @click.version_option(package_name="ondevice-lora")
 def main():
-    """Fine-tune LoRA adapters on a 4-bit base model with MLX, on your own machine."""
+    """Fine-tune LoRA adapters on a 4-bit base model with MLX, on your own machine.
+
+    \b
+    On Linux, MLX computes on the CPU with a slow bundled BLAS. When OpenBLAS is
+    installed (apt-get install libopenblas0-pthread), ondevice-lora restarts itself
+    once with it preloaded (LD_PRELOAD), which makes CPU training many times faster.
+    ONDEVICE_LORA_FAST_BLAS=0 turns this off; ONDEVICE_LORA_BLAS=/path/lib.so picks
+    the library.
+    """
 
 
 @main.command()
@@ -45,7 +64,17 @@ def main():
     help="Model folder, .gguf file or Hub id. Default: the built-in SmolLM2-135M-Instruct.",
 )
 @click.option(
-    "--adapter", default=None, help="Adapter folder (from `train`) to apply to the model."
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="Adapter folder (from `train`) to apply to the model; repeat it to combine several.",
+)
+@click.option(
+    "--adapter-weight",
+    "adapter_weights",
+    type=float,
+    multiple=True,
+    help="Weight of each --adapter, in the same order [default: 1 each].",
 )
 @click.option("--prompt", required=True, help="The text to answer.")
 @click.option("--greedy", is_flag=True, help="Always pick the most likely token (temperature 0).")
@@ -77,11 +106,26 @@ def main():
     help="Send the prompt as plain text, without the model's chat template.",
 )
 def generate(
-    model_name, adapter, prompt, greedy, temperature, top_p, max_tokens, seed, system, no_chat
+    model_name,
+    adapters,
+    adapter_weights,
+    prompt,
+    greedy,
+    temperature,
+    top_p,
+    max_tokens,
+    seed,
+    system,
+    no_chat,
 ):
     """Generate a reply to --prompt, printing it as it is produced."""
     if greedy and temperature not in (None, 0):
         raise click.UsageError("--greedy and --temperature contradict each other; pass one.")
+    if adapter_weights and len(adapter_weights) != len(adapters):
+        raise click.UsageError(
+            f"{len(adapter_weights)} --adapter-weight for {len(adapters)} --adapter; "
+            "give one weight per adapter, in the same order."
+        )
     if temperature is None:
         temperature = _SAMPLING_DEFAULTS["temperature"]
     config = SamplingConfig(
@@ -90,7 +134,15 @@ def generate(
         max_tokens=max_tokens,
         seed=seed,
     )
-    model, tokenizer = load(model_name, adapter=adapter)
+    if len(adapters) == 1 and not adapter_weights:
+        model, tokenizer = load(model_name, adapter=adapters[0])
+    else:
+        model, tokenizer = load(model_name)
+        if adapters:
+            # Several adapters (or a weighted one) share the base: their weighted sum is active.
+            names = names_for(adapters)
+            weights = adapter_weights or [1.0] * len(adapters)
+            load_adapters(model, dict(zip(names, adapters)), tokenizer, dict(zip(names, weights)))
     stream = stream_generate(model, tokenizer, prompt, config, chat=not no_chat, system=system)
     for piece in stream:
         click.echo(piece, nl=False)
@@ -98,9 +150,25 @@ def generate(
     click.echo(stream.stats.summary(), err=True)
 
 
-main.add_command(convert_command)
-main.add_command(train_command)
-main.add_command(eval_command)
+def _register_commands() -> None:
+    # Export commands live with the converters; their heavy imports (coremltools, gguf) happen
+    # inside the commands, so registering them keeps `ondevice-lora --help` fast.
+    from converters.coreml.cli import coreml_command
+    from converters.formats.cli import export_group, import_adapter_command
+
+    export_group.add_command(coreml_command)
+    for command in (
+        convert_command,
+        train_command,
+        eval_command,
+        fuse_command,
+        export_group,
+        import_adapter_command,
+    ):
+        main.add_command(command)
+
+
+_register_commands()
 
 
 if __name__ == "__main__":

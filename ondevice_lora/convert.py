@@ -2,6 +2,8 @@
 
 The output is the layout mlx-lm writes (config.json with a `quantization` entry, safetensors with
 `.weight`/`.scales`/`.biases` per quantised layer, tokenizer files), so mlx-lm and we both load it.
+The folder-writing pieces (load_source, check_out_folder, model_quantization, output_config,
+write_model_folder) are shared with `fuse`, which writes the same layout.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +55,32 @@ def check_convert_args(
         problems.append(f"--group-size must be one of {allowed}, got {group_size!r}")
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out = Path(out_folder)
-    if out.exists() and not out.is_dir():
-        problems.append(f"--out {out} is a file, not a folder")
-    elif out.is_dir() and any(out.iterdir()) and not force:
-        problems.append(
-            f"--out {out} is not empty; choose a new folder or pass --force to replace "
-            "the model files in it"
-        )
+    problems += check_out_folder(out_folder, force)
     if problems:
         raise OndeviceLoraError("cannot convert:\n  " + "\n  ".join(problems))
+
+
+def check_out_folder(out_folder, force: bool = False) -> list[str]:
+    """The problems with writing a model folder to `out_folder` ([] if none)."""
+    out = Path(out_folder)
+    if out.exists() and not out.is_dir():
+        return [f"--out {out} is a file, not a folder"]
+    if out.is_dir() and any(out.iterdir()) and not force:
+        return [
+            f"--out {out} is not empty; choose a new folder or pass --force to replace "
+            "the model files in it"
+        ]
+    return []
+
+
+def check_not_source(out_folder, source: Path, action: str = "convert") -> None:
+    """Refuse an output folder that is the source model's own folder."""
+    out = Path(out_folder)
+    if source.is_dir() and out.exists() and out.resolve() == source.resolve():
+        raise OndeviceLoraError(
+            f"cannot {action}: --out {out} holds the source model {source}; "
+            "writing there would overwrite the weights being read. Choose another folder."
+        )
 
 
 def convert(
@@ -82,17 +101,12 @@ def convert(
     `out_folder`, replacing the model files in it.
     """
     check_convert_args(out_folder, bits, group_size, dtype, force)
-    out = Path(out_folder)
     source = resolve_model_path(model)
-    if source.is_dir() and out.exists() and out.resolve() == source.resolve():
-        raise OndeviceLoraError(
-            f"cannot convert: --out {out} holds the source model {source}; "
-            "writing there would overwrite the weights being read. Choose another folder."
-        )
-    net, tokenizer, config = _load_source(source)
-    dtype = dtype or _source_dtype(config)
+    check_not_source(out_folder, source)
+    net, tokenizer, config = load_source(source)
+    dtype = dtype or source_dtype(config)
 
-    _dequantize(net)
+    dequantize_model(net)
     net.set_dtype(getattr(mx, dtype))
     nn.quantize(
         net,
@@ -105,19 +119,33 @@ def convert(
         ),
     )
 
+    quant = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    config = output_config(config, quant, dtype)
+    return write_model_folder(out_folder, net, tokenizer, config, source, force)
+
+
+def write_model_folder(
+    out_folder, net: nn.Module, tokenizer, config: dict, source: Path, force: bool = False
+) -> Path:
+    """Write `net`'s parameters, `config`, the tokenizer and generation_config.json (the
+    source's, with the tokenizer's eos ids) to `out_folder` in mlx-lm's layout.
+
+    force: replace the model files already in `out_folder` (stale shards would be read too).
+    """
+    out = Path(out_folder)
     if force and out.is_dir():
         for pattern in _MODEL_FILES:
             for stale in out.glob(pattern):
                 stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out, dict(tree_flatten(net.parameters())))
-    write_json(out / "config.json", _output_config(config, bits, group_size, dtype))
+    write_json(out / "config.json", config)
     tokenizer.save(out)
     write_json(out / "generation_config.json", _generation_config(source, tokenizer))
     return out
 
 
-def _load_source(path: Path):
+def load_source(path: Path):
     """(model, tokenizer, config) of a local folder or .gguf file, as `load` reads them."""
     from .tokenizer import Tokenizer
 
@@ -135,7 +163,8 @@ def _load_source(path: Path):
     return net, Tokenizer.from_folder(path), config
 
 
-def _source_dtype(config: dict) -> str:
+def source_dtype(config: dict) -> str:
+    """The floating dtype a source config names (float16 when it names none)."""
     # transformers 5 writes `dtype`, older versions `torch_dtype`.
     for key in ("dtype", "torch_dtype"):
         if config.get(key) in DTYPES:
@@ -143,7 +172,7 @@ def _source_dtype(config: dict) -> str:
     return "float16"
 
 
-def _dequantize(net: nn.Module) -> None:
+def dequantize_model(net: nn.Module) -> None:
     """Replace every quantised layer of `net` by the float layer its weights stand for."""
     replaced = []
     for path, module in net.named_modules():
@@ -170,13 +199,42 @@ def _dequantize(net: nn.Module) -> None:
         net.update_modules(tree_unflatten(replaced))
 
 
-def _output_config(config: dict, bits: int, group_size: int, dtype: str) -> dict:
+def model_quantization(net: nn.Module) -> dict | None:
+    """mlx-lm's `quantization` entry for `net` as it is, layer by layer: the commonest
+    {group_size, bits, mode} as the default, an entry for each quantised layer that differs, and
+    False for each Linear or Embedding kept unquantised. None if nothing is quantised."""
+    quantised = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    settings, dense = {}, []
+    for path, module in net.named_modules():
+        if isinstance(module, quantised):
+            settings[path] = (module.group_size, module.bits, module.mode)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            dense.append(path)
+    if not settings:
+        return None
+
+    def entry(s):
+        return {"group_size": s[0], "bits": s[1], "mode": s[2]}
+
+    common = Counter(settings.values()).most_common(1)[0][0]
+    quant = entry(common)
+    for path, s in sorted(settings.items()):
+        if s != common:
+            quant[path] = entry(s)
+    for path in sorted(dense):
+        quant[path] = False
+    return quant
+
+
+def output_config(config: dict, quant: dict | None, dtype: str) -> dict:
+    """The source's config.json with `quant` (mlx-lm's `quantization` entry; None for a dense
+    model) and `dtype` in place of what it said."""
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    quant = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    # mlx-lm reads `quantization`; it also writes the same under `quantization_config`, the key
-    # transformers-side tools look at, so we write both.
-    config["quantization"] = dict(quant)
-    config["quantization_config"] = dict(quant)
+    if quant is not None:
+        # mlx-lm reads `quantization`; it also writes the same under `quantization_config`, the
+        # key transformers-side tools look at, so we write both.
+        config["quantization"] = dict(quant)
+        config["quantization_config"] = dict(quant)
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for key in keys:
         config[key] = dtype

@@ -53,7 +53,68 @@ def dense_weight(layer: nn.Module) -> mx.array:
     return layer.weight
 
 
-class LoRALinear(nn.Module):
+def low_rank_delta(x: mx.array, lora_a: mx.array, lora_b: mx.array, scale: float) -> mx.array:
+    """scale * (x @ A.T) @ B.T: (..., in) -> (..., out), never forming the (out, in) B @ A."""
+    return ((x @ lora_a.T) @ lora_b.T) * scale
+
+
+def dora_factor(base: nn.Module, delta_weight: mx.array, magnitude: mx.array) -> mx.array:
+    """magnitude / ||W + delta_weight|| per output row (out,), in float32.
+
+    The norm is held constant in backpropagation, as in the DoRA paper (section 4.3) and PEFT.
+    """
+    direction = dense_weight(base).astype(mx.float32) + delta_weight
+    return magnitude / mx.stop_gradient(mx.linalg.norm(direction, axis=1))
+
+
+def dora_output(
+    base: nn.Module, y: mx.array, base_out: mx.array, factor: mx.array, delta: mx.array
+) -> mx.array:
+    """bias + factor * (x W.T + delta), written as a correction to y = base(x).
+
+    base_out is base(x) for the input the direction sees (the dropped-out one in training).
+    Written as y + (f - 1) * xW + f * delta, so factor == 1 and delta == 0 give y back bit for bit.
+    """
+    if "bias" in base:
+        # The bias is not part of the direction W, so it must not be rescaled.
+        base_out = base_out - base.bias
+    update = (factor - 1) * base_out + factor * delta
+    return y + update.astype(y.dtype)
+
+
+def fold_weight(
+    base: nn.Module, weight: mx.array, dequantize: bool = False, dtype: mx.Dtype | None = None
+) -> nn.Module:
+    """A plain layer with `base`'s bias and the (out, in) `weight`, shaped like `base`.
+
+    A quantised base gives a QuantizedLinear with its own group size, bits and mode (so the
+    result is as small as the base), unless `dequantize` asks for an nn.Linear. dtype: of the
+    dense weight, or of the scales and biases; default the base's.
+    """
+    if not bool(mx.all(mx.isfinite(weight))):
+        # As PEFT's safe_merge: a broken adapter must not silently poison the base.
+        raise ValueError("fusing this adapter gives non-finite weights; it is broken")
+    if dtype is None:
+        dtype = base.scales.dtype if isinstance(base, nn.QuantizedLinear) else base.weight.dtype
+    in_dims, out_dims = linear_dims(base)
+    fused = nn.Linear(in_dims, out_dims, bias="bias" in base)
+    fused.weight = weight.astype(dtype)
+    if "bias" in base:
+        fused.bias = base.bias.astype(dtype)
+    if isinstance(base, nn.QuantizedLinear) and not dequantize:
+        fused = nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, base.mode)
+    return fused
+
+
+class AdapterWrapper(nn.Module):
+    """A layer that keeps a frozen base layer under `base` and adds adapter tensors beside it.
+
+    Code that needs the base model back (base_parameters, the fingerprint, target resolution)
+    looks for this class: everything under `<wrapper>.base` is the base, the rest is adapter.
+    """
+
+
+class LoRALinear(AdapterWrapper):
     """A frozen linear layer (`base`) plus a trainable low-rank update lora_b @ lora_a."""
 
     @classmethod
@@ -96,7 +157,7 @@ class LoRALinear(nn.Module):
 
     def lora_delta(self, x: mx.array) -> mx.array:
         """scale * (x @ A.T) @ B.T, without dropout: (..., in) -> (..., out)."""
-        return ((x @ self.lora_a.T) @ self.lora_b.T) * self.scale
+        return low_rank_delta(x, self.lora_a, self.lora_b, self.scale)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
@@ -121,20 +182,7 @@ class LoRALinear(nn.Module):
         A quantised base is de-quantised, updated and re-quantised with its own group size and
         bits (so the result is as small as the base), unless `dequantize` asks for a dense layer.
         """
-        base = self.base
-        weight = self.fused_weight()
-        if not bool(mx.all(mx.isfinite(weight))):
-            # As PEFT's safe_merge: a broken adapter must not silently poison the base.
-            raise ValueError("fusing this adapter gives non-finite weights; it is broken")
-        dtype = base.scales.dtype if isinstance(base, nn.QuantizedLinear) else base.weight.dtype
-        in_dims, out_dims = linear_dims(base)
-        fused = nn.Linear(in_dims, out_dims, bias="bias" in base)
-        fused.weight = weight.astype(dtype)
-        if "bias" in base:
-            fused.bias = base.bias
-        if isinstance(base, nn.QuantizedLinear) and not dequantize:
-            fused = nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits, base.mode)
-        return fused
+        return fold_weight(self.base, self.fused_weight(), dequantize)
 
 
 class DoRALinear(LoRALinear):
@@ -161,7 +209,7 @@ class DoRALinear(LoRALinear):
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
         # factor is exactly 1 for a fresh adapter (magnitude was computed by weight_norm()).
-        factor = self.magnitude / self.weight_norm()  # (out,)
+        factor = dora_factor(self.base, self.delta_weight(), self.magnitude)  # (out,)
         if self.training and self.dropout_p > 0:
             # PEFT's convention: the rescaled direction sees the dropped-out input, while the
             # base output added back keeps the clean one.
@@ -169,20 +217,22 @@ class DoRALinear(LoRALinear):
             base_out = self.base(x)
         else:
             base_out = y
-        if "bias" in self.base:
-            # The bias is not part of the direction W, so it must not be rescaled.
-            base_out = base_out - self.base.bias
-        # Written as a correction to y, so factor == 1 and B == 0 give y back bit for bit:
-        # y + (f - 1) * xW + f * lora(x) == bias + f * (xW + lora(x)).
-        update = (factor - 1) * base_out + factor * self.lora_delta(x)
-        return y + update.astype(y.dtype)
+        return dora_output(self.base, y, base_out, factor, self.lora_delta(x))
 
     def fused_weight(self) -> mx.array:
         # Each row of the direction, rescaled to its learned magnitude.
-        return self.direction() * (self.magnitude / self.weight_norm())[:, None]
+        factor = dora_factor(self.base, self.delta_weight(), self.magnitude)
+        return self.direction() * factor[:, None]
 
 
 # --- adapters inside a model ---------------------------------------------------------------
+
+
+def wrapped_modules(model: nn.Module) -> dict[str, AdapterWrapper]:
+    """Every layer of `model` wrapped by an adapter layer of any kind, by module path."""
+    return {
+        name: module for name, module in model.named_modules() if isinstance(module, AdapterWrapper)
+    }
 
 
 def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -203,15 +253,19 @@ def adapter_tensors(model: nn.Module) -> dict[str, mx.array]:
 
 def base_parameters(model: nn.Module) -> dict[str, mx.array]:
     """The base model's parameters under their original names, whether or not it is wrapped."""
-    wrapped = adapter_modules(model)
+    wrapped = wrapped_modules(model)
     params = {}
     for name, value in tree_flatten(model.parameters()):
-        module_path, _, leaf = name.rpartition(".")
-        if module_path in wrapped:
-            continue  # lora_a, lora_b, magnitude
-        owner, _, attribute = module_path.rpartition(".")
-        if attribute == "base" and owner in wrapped:
-            name = f"{owner}.{leaf}"  # "q_proj.base.weight" -> "q_proj.weight"
+        parts = name.split(".")
+        # The wrapper owning this parameter, if any: the longest prefix that is one.
+        owner = next(
+            (i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in wrapped), None
+        )
+        if owner is not None:
+            if parts[owner] != "base":
+                continue  # lora_a, lora_b, magnitude, or a named adapter's tensors
+            # "q_proj.base.weight" -> "q_proj.weight"
+            name = ".".join(parts[:owner] + parts[owner + 1 :])
         params[name] = value
     return params
 

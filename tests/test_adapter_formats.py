@@ -35,6 +35,7 @@ from ondevice_lora.adapters import (
     read_adapter_config,
     save_adapter,
 )
+from ondevice_lora.cli import main
 from ondevice_lora.gguf import _unpermute_rows
 from ondevice_lora.loading import load
 from ondevice_lora.lora import DoRALinear
@@ -481,9 +482,10 @@ def test_unknown_format_lists_the_known_ones(tmp_path):
         export_adapter("onnx", tmp_path, tmp_path / "out")
     with pytest.raises(AdapterFormatError, match="known formats: peft, mlx-lm"):
         import_adapter("gguf-lora", tmp_path, tmp_path / "out", model="unused")
-    result = CliRunner().invoke(export_group, ["onnx", "--adapter", "a", "--out", "b"])
+    result = CliRunner().invoke(main, ["export", "onnx", "--adapter", "a", "--out", "b"])
     assert result.exit_code == 2
-    assert "unknown adapter format 'onnx'; known formats: peft, mlx-lm, gguf-lora" in result.output
+    assert "unknown export format 'onnx'; known formats: " in result.output
+    assert all(name in result.output for name in ("peft", "mlx-lm", "gguf-lora", "coreml"))
     args = ["--format", "onnx", "--path", "a", "--model", "m", "--out", "b"]
     result = CliRunner().invoke(import_adapter_command, args)
     assert result.exit_code == 2 and "'peft', 'mlx-lm'" in result.output

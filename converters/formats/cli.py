@@ -78,14 +78,14 @@ class _FormatGroup(click.Group):
         name = args[0] if args else None
         if name is not None and not name.startswith("-") and self.get_command(ctx, name) is None:
             raise click.UsageError(
-                f"unknown adapter format {name!r}; known formats: {', '.join(self.commands)}.", ctx
+                f"unknown export format {name!r}; known formats: {', '.join(self.commands)}.", ctx
             )
         return super().resolve_command(ctx, args)
 
 
 @click.group("export", cls=_FormatGroup)
 def export_group():
-    """Export an adapter for another tool: peft, mlx-lm, gguf-lora."""
+    """Export an adapter for another tool (peft, mlx-lm, gguf-lora) or to Core ML (coreml)."""
 
 
 for _command in (peft_command, mlx_lm_command, gguf_lora_command):
