@@ -153,10 +153,11 @@ def generate(
 def _register_commands() -> None:
     # Export commands live with the converters; their heavy imports (coremltools, gguf) happen
     # inside the commands, so registering them keeps `ondevice-lora --help` fast.
-    from converters.coreml.cli import coreml_command
+    from converters.coreml.cli import adapter_command, coreml_command
     from converters.formats.cli import export_group, import_adapter_command
 
     export_group.add_command(coreml_command)
+    export_group.add_command(adapter_command)
     for command in (
         convert_command,
         train_command,

@@ -166,6 +166,7 @@ def test_side_files_give_the_app_its_tokenizer(int4_export, tokenizer):
     _, result, _ = int4_export
     folder = result.path.parent
     assert sorted(p.name for p in result.files) == [
+        "config.json",
         "special_tokens.json",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -177,6 +178,8 @@ def test_side_files_give_the_app_its_tokenizer(int4_export, tokenizer):
     assert info["chat_template"] == tokenizer.chat_template
     assert (info["context_length"], info["prefill_length"]) == (CONTEXT, PREFILL)
     assert info["package"] == "model.mlpackage"
+    # swift-transformers reads model_type from config.json to pick the tokenizer.
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
 
 
 def test_int4_adapter_stays_an_unmerged_branch_over_the_base_codes(tmp_path):

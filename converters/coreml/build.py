@@ -9,6 +9,7 @@ package layout is described in export.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -288,15 +289,32 @@ def state_names(precision: Precision) -> tuple[str, ...]:
     return STATE_NAMES + (LOW_STATE_NAMES if precision.split_cache else ())
 
 
-def convert_decoder(w: DecoderWeights, length: int) -> Function:
-    """One function: input_ids (1, length), position (1,) and the cache states -> logits."""
+# bind(weights, function inputs) -> the weights to build with (see convert_decoder).
+Binder = Callable[[DecoderWeights, dict[str, Var]], DecoderWeights]
+
+
+def convert_decoder(
+    w: DecoderWeights,
+    length: int,
+    extra_inputs: dict[str, mb.TensorSpec] | None = None,
+    bind: Binder | None = None,
+) -> Function:
+    """One function: input_ids (1, length), position (1,) and the cache states -> logits.
+
+    extra_inputs: more inputs by name (a swappable package's LoRA matrices). bind(w, inputs)
+    returns the weights to build with, e.g. with LoRA branches that read those inputs; it runs
+    inside the function, so the ops it adds (slicing an input per layer) belong to it.
+    """
     specs = {
         "input_ids": mb.TensorSpec((1, length), dtype=types.int32),
         "position": mb.TensorSpec((1,), dtype=types.int32),
+        **(extra_inputs or {}),
     }
     for name in state_names(w.precision):
         specs[name] = mb.StateTensorSpec(w.cache_shape, dtype=STATE_DTYPE)
     with Function(specs, opset_version=OPSET) as func:
+        if bind is not None:
+            w = bind(w, func.inputs)
         states = {name: func.inputs[name] for name in state_names(w.precision)}
         caches = {name: mb.read_state(input=state) for name, state in states.items()}
         step = _step(w, length, func.inputs["position"], caches)
@@ -315,8 +333,13 @@ def convert_decoder(w: DecoderWeights, length: int) -> Function:
     return func
 
 
-def build_program(w: DecoderWeights, length: int) -> Program:
-    """A single-function ("main") program for calls of `length` tokens."""
+def build_program(
+    w: DecoderWeights,
+    length: int,
+    extra_inputs: dict[str, mb.TensorSpec] | None = None,
+    bind: Binder | None = None,
+) -> Program:
+    """A single-function ("main") program for calls of `length` tokens (see convert_decoder)."""
     program = Program()
-    program.add_function("main", convert_decoder(w, length))
+    program.add_function("main", convert_decoder(w, length, extra_inputs, bind))
     return program

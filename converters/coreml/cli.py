@@ -1,12 +1,19 @@
-"""`ondevice-lora export coreml`: export a model (and adapter) to Core ML, then prove the package.
+"""`ondevice-lora export coreml` and `ondevice-lora export adapter`: Core ML packages and the
+adapter files of swappable ones, each export checked against MLX and its sizes reported.
 
-coremltools and the exporter are imported inside the command, so that `ondevice-lora --help`
+coremltools and the exporters are imported inside the commands, so that `ondevice-lora --help`
 and the other commands do not pay for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from pathlib import Path
+
 import click
+
+from ondevice_lora.errors import OndeviceLoraError
 
 # A fixed, plain English prompt for validation: long enough (with a chat template around it) to
 # fill more than one prefill chunk, so chunking and padding are exercised too.
@@ -15,16 +22,66 @@ VALIDATION_TEXT = (
     "mentioning privacy, battery life and working without a network connection."
 )
 DECODE_STEPS = 8
+MODES = ("merged", "multifunction", "swappable")
 
 
-@click.command("coreml")
+def _user_errors(command):
+    """Our input errors end the command with their message, not a traceback (also when the
+    command runs outside the main group, as in tests)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OndeviceLoraError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+class _ListOptionsCommand(click.Command):
+    """Lets `--adapters A1 A2 A3` take every value up to the next option: click options take a
+    fixed number of values, so each one is rewritten as `--adapters A1 --adapters A2 ...`."""
+
+    list_options = ("--adapters",)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rewritten, current = [], None
+        for arg in args:
+            if arg in self.list_options:
+                current = arg
+            elif arg.startswith("-"):
+                current = None
+                rewritten.append(arg)
+            elif current is not None:
+                rewritten += [current, arg]
+            else:
+                rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+@click.command("coreml", cls=_ListOptionsCommand)
 @click.option(
     "--model",
     "model_name",
     default=None,
     help="Model folder, .gguf file or Hub id. Default: the built-in SmolLM2-135M-Instruct.",
 )
-@click.option("--adapter", default=None, help="Adapter folder (from `train`) to include.")
+@click.option("--adapter", default=None, help="One adapter folder (from `train`) to include.")
+@click.option(
+    "--adapters",
+    multiple=True,
+    help="Adapter folders: --adapters A1 A2 ... (a multifunction or swappable export).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default=None,
+    help="merged: one package, at most one adapter. multifunction: prefill_<name>/decode_<name> "
+    "per adapter plus prefill_base/decode_base. swappable: LoRA matrices as inputs, and one "
+    ".coreml-adapter.safetensors per adapter. [default: merged for one adapter or none, "
+    "multifunction for several]",
+)
 @click.option(
     "--out",
     "out_path",
@@ -55,53 +112,217 @@ DECODE_STEPS = 8
     help="Tokens per prefill call; prompts are fed in chunks of this size.",
 )
 @click.option(
+    "--r-max",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Swappable: the largest adapter rank the package takes. [default: the adapters' "
+    "largest rank, else 16]",
+)
+@click.option(
+    "--targets",
+    default=None,
+    help="Swappable: comma-separated projections with LoRA inputs (q_proj,...,down_proj or "
+    "all-linear). [default: every target of the adapters, else q_proj,v_proj]",
+)
+@click.option(
     "--no-validate",
     is_flag=True,
     help="Skip the check of the saved package against MLX (not recommended).",
 )
-def coreml_command(
-    model_name, adapter, out_path, precision, context_length, prefill_length, no_validate
-):
+@_user_errors
+def coreml_command(model_name, adapter, adapters, mode, out_path, no_validate, **settings):
     """Export to a stateful Core ML package (prefill + decode) and validate it against MLX."""
-    from ondevice_lora.adapters import read_adapter_config
     from ondevice_lora.fingerprint import base_fingerprint
     from ondevice_lora.loading import load
 
-    from .export import export_coreml
     from .weights import quantize_for_int4
 
-    model, tokenizer = load(model_name, adapter=adapter)
+    adapters = ([adapter] if adapter else []) + list(adapters)
+    mode = mode or ("multifunction" if len(adapters) > 1 else "merged")
+    if mode == "merged" and len(adapters) > 1:
+        raise click.UsageError(
+            f"--mode merged takes one adapter, got {len(adapters)}; use --mode multifunction "
+            "or swappable to put several beside one base."
+        )
+    if mode == "multifunction" and not adapters:
+        click.echo("no adapters given: the package holds prefill_base/decode_base only")
+    swappable_only = [f"--{k.replace('_', '-')}" for k in ("r_max", "targets") if settings[k]]
+    if mode != "swappable" and swappable_only:
+        raise click.UsageError(f"{' and '.join(swappable_only)} only apply to --mode swappable.")
+
+    if settings["targets"]:
+        from .swappable import check_targets
+
+        check_targets(settings["targets"])  # before the model loads: a typo fails at once
+    merged = mode == "merged" and adapters
+    model, tokenizer = load(model_name, adapter=adapters[0] if merged else None)
     # The base's identity before any quantisation for export: the one adapters are checked on.
     fingerprint = base_fingerprint(model, tokenizer)
-    adapter_config = None
-    if adapter is not None:
-        adapter_config = read_adapter_config(adapter)[0].to_dict()
-    if precision == "int4":
+    if settings["precision"] == "int4":
         # Quantise the MLX model itself, as the export would: the package then reuses these
         # exact codes, and this model is the reference the package must match.
         count = quantize_for_int4(model)
         if count:
             click.echo(f"quantised {count} unquantised layers to 4 bits (groups of 32) for int4")
-    result = export_coreml(
-        model,
-        tokenizer,
-        out_path,
-        precision=precision,
-        context_length=context_length,
-        adapter_config=adapter_config,
-        fingerprint=fingerprint,
-        prefill_length=prefill_length,
-    )
-    click.echo(result.summary())
-    click.echo(f"package size: {result.package_bytes} bytes; weights: {result.weight_bytes} bytes")
+    export = {"merged": _merged, "multifunction": _multifunction, "swappable": _swappable}[mode]
+    package = {k: settings[k] for k in ("precision", "context_length", "prefill_length")}
+    validate = export(model, tokenizer, adapters, out_path, fingerprint, package, settings)
     if no_validate:
         click.echo("validation skipped (--no-validate)")
         return
+    prompt_ids = _validation_prompt(tokenizer, settings["context_length"] - DECODE_STEPS)
+    for name, report in validate(prompt_ids, DECODE_STEPS).items():
+        click.echo(f"[{name}] {report.summary()}")
+
+
+def _merged(model, tokenizer, adapters, out_path, fingerprint, package, settings):
+    from ondevice_lora.adapters import read_adapter_config
+    from ondevice_lora.lora import adapter_modules
+
+    from .export import export_coreml
+    from .size_report import SizeReport, weight_file_bytes
     from .validate import validate_package
 
-    prompt_ids = _validation_prompt(tokenizer, context_length - DECODE_STEPS)
-    report = validate_package(result.path, model, prompt_ids, decode_steps=DECODE_STEPS)
-    click.echo(report.summary())
+    config = read_adapter_config(adapters[0])[0].to_dict() if adapters else None
+    result = export_coreml(
+        model, tokenizer, out_path, adapter_config=config, fingerprint=fingerprint, **package
+    )
+    # An int4 export keeps the adapter as a branch (fp16 A and B); fp16/fp32 merge it away.
+    branch = sum(
+        m.lora_a.size + m.lora_b.size + (m.magnitude.size if "magnitude" in m else 0)
+        for m in adapter_modules(model).values()
+    )
+    adapter_bytes = 2 * branch if result.adapter_mode == "unmerged" else 0
+    names = [Path(adapters[0]).name] if adapters else []
+    sizes = SizeReport(
+        kind="merged",
+        package=result.path,
+        base_weight_bytes=result.weight_bytes - adapter_bytes,
+        package_bytes=result.package_bytes,
+        weight_file_bytes=weight_file_bytes(result.path),
+        function_pairs=1,
+        adapter_bytes=dict.fromkeys(names, adapter_bytes),
+        adapter_tensor_bytes=dict.fromkeys(names, adapter_bytes),
+    )
+    click.echo(result.summary())
+    click.echo(f"package size: {result.package_bytes} bytes; weights: {result.weight_bytes} bytes")
+    click.echo(sizes.render())
+    return lambda ids, steps: {"package": validate_package(result.path, model, ids, steps)}
+
+
+def _multifunction(model, tokenizer, adapters, out_path, fingerprint, package, settings):
+    from .multifunction import export_multifunction, validate_multifunction
+
+    result = export_multifunction(
+        model, tokenizer, adapters, out_path, fingerprint=fingerprint, **package
+    )
+    click.echo(result.summary())
+    for name, (prefill, decode) in result.functions.items():
+        source = result.adapters.get(name, "the plain base")
+        click.echo(f"  {prefill} / {decode}: {source}")
+    click.echo(result.sizes.render())
+    return lambda ids, steps: validate_multifunction(
+        result.path, model, result.adapters, ids, steps
+    )
+
+
+def _swappable(model, tokenizer, adapters, out_path, fingerprint, package, settings):
+    from ondevice_lora.adapters import read_adapter_config
+
+    from .adapter_file import adapter_inputs, validate_swappable, write_adapter_files
+    from .swappable import SwappableLayout, export_swappable
+
+    configs = [read_adapter_config(folder)[0] for folder in adapters]
+    targets = settings["targets"]
+    if targets is None:
+        targets = ["q_proj", "v_proj"] if not configs else []
+        for config in configs:
+            found = config.target_modules
+            targets += [found] if isinstance(found, str) else found
+    r_max = settings["r_max"] or max((c.rank for c in configs), default=16)
+    # Every adapter must fit before the (long) package build starts.
+    layout = SwappableLayout.from_architecture(dataclasses.asdict(model.args), targets, r_max)
+    for folder in adapters:
+        adapter_inputs(folder, layout, fingerprint)
+    result = export_swappable(
+        model, tokenizer, out_path, layout.targets, layout.r_max, fingerprint=fingerprint, **package
+    )
+    files = write_adapter_files(result, adapters, fingerprint)
+    click.echo(result.summary())
+    click.echo(f"  LoRA inputs for {', '.join(layout.targets)} up to rank {layout.r_max}")
+    for name, path in files.items():
+        click.echo(f"  adapter file {name}: {path}")
+    click.echo(result.sizes.render())
+    pairs = {name: (folder, files[name]) for name, folder in zip(files, adapters)}
+    return lambda ids, steps: validate_swappable(result.path, model, pairs, ids, steps)
+
+
+@click.command("adapter")
+@click.option("--adapter", required=True, help="The adapter folder (from `train`).")
+@click.option(
+    "--package",
+    default=None,
+    type=click.Path(exists=True),
+    help="The swappable .mlpackage the file is for: its inputs give the layout, and the "
+    "adapter is checked against its base.",
+)
+@click.option(
+    "--r-max",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Without --package: the package's r_max. [default: the adapter's rank]",
+)
+@click.option(
+    "--targets",
+    default=None,
+    help="Without --package: the package's comma-separated targets. [default: the adapter's]",
+)
+@click.option(
+    "--out",
+    "out_path",
+    default=None,
+    type=click.Path(),
+    help="The file to write, ending in .coreml-adapter.safetensors. [default: "
+    "<adapter name>.coreml-adapter.safetensors beside the package, or here]",
+)
+@_user_errors
+def adapter_command(adapter, package, r_max, targets, out_path):
+    """Write an adapter as one file a swappable Core ML package takes as inputs."""
+    from ondevice_lora.adapters import read_adapter_config
+
+    from .adapter_file import file_name, write_adapter_file
+    from .export import CoreMLExportError
+    from .swappable import SwappableLayout, read_swappable_package
+
+    config, base = read_adapter_config(adapter)
+    if package is not None:
+        if r_max or targets:
+            raise click.UsageError(
+                "--r-max and --targets come from --package; give one or the other."
+            )
+        layout, fingerprint = read_swappable_package(package)
+    else:
+        if not base or "architecture" not in base:
+            raise CoreMLExportError(
+                f"{adapter}: its config does not record the base's architecture; give --package."
+            )
+        layout = SwappableLayout.from_architecture(
+            base["architecture"], targets or config.target_modules, r_max or config.rank
+        )
+        fingerprint = None
+    if out_path is None:
+        out_path = (Path(package).parent if package else Path.cwd()) / file_name(adapter)
+    path = write_adapter_file(adapter, out_path, layout, fingerprint)
+    size = path.stat().st_size
+    click.echo(f"adapter file: {path}")
+    click.echo(
+        f"  {size:,} bytes ({size / 2**20:.2f} MiB): rank {config.rank} padded to r_max "
+        f"{layout.r_max}, {layout.num_layers} layers, targets {', '.join(layout.targets)}"
+    )
+    if package is not None:
+        click.echo("  checked against the package's inputs and base fingerprint")
+    else:
+        click.echo("  not checked against a package (give --package to check it)")
 
 
 def _validation_prompt(tokenizer, max_tokens: int) -> list[int]:

@@ -41,17 +41,25 @@ User-defined metadata (strings): ``ondevice_lora.format_version`` ("1"),
 ``ondevice_lora.adapter_mode`` ("none", "merged" or "unmerged"). Inputs, outputs and states
 carry a shortDescription in every function.
 
-Beside the package (same folder): tokenizer.json, tokenizer_config.json and special_tokens.json
-(bos/eos/pad ids, special token strings, chat template, context and prefill lengths). They
-are shared by every package in that folder, so keep one model's packages per folder.
+Beside the package (same folder): tokenizer.json, tokenizer_config.json, special_tokens.json
+(bos/eos/pad ids, special token strings, chat template, context and prefill lengths) and
+config.json (the model's configuration: swift-transformers' AutoTokenizer.from(modelFolder:)
+refuses a folder without one). They are shared by every package in that folder, so keep one
+model's packages per folder.
+
+Multifunction and swappable packages (multifunction.py, swappable.py) follow the same contract,
+with other function names and, for swappable ones, more inputs; APP_METADATA_KEYS are in every
+package, since the iOS app reads them whichever kind it loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +81,9 @@ FORMAT_VERSION = "1"
 METADATA_PREFIX = "ondevice_lora."
 PREFILL_FUNCTION, DECODE_FUNCTION = "prefill", "decode"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
+MODEL_CONFIG_FILE = "config.json"
+# Metadata keys (after METADATA_PREFIX) that the iOS app reads (examples/ios): in every package.
+APP_METADATA_KEYS = ("context_length", "base_fingerprint")
 
 DESCRIPTIONS = {
     "input_ids": "Token ids, int32 (1, L): L = {prefill} in prefill (pad the last chunk at its "
@@ -140,7 +151,7 @@ def export_coreml(
     """
     start = time.perf_counter()
     out_path = Path(out_path)
-    _check_settings(out_path, context_length, prefill_length)
+    check_settings(out_path, context_length, prefill_length)
     try:
         p = get_precision(precision)
         w = decoder_weights(model, p, context_length, group_size)
@@ -152,23 +163,16 @@ def export_coreml(
         fingerprint = base_fingerprint(model, tokenizer)
     if isinstance(adapter_config, LoraConfig):
         adapter_config = adapter_config.to_dict()
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "context_length": str(context_length),
-        "prefill_length": str(prefill_length),
-        "precision": precision,
-        "model_type": model.args.model_type,
-        "base_fingerprint": json.dumps(fingerprint, sort_keys=True),
-        "adapter_config": json.dumps(adapter_config, sort_keys=True),
-        "adapter_mode": mode,
-    }
+    metadata = common_metadata(model, precision, context_length, prefill_length, fingerprint)
+    metadata["adapter_config"] = json.dumps(adapter_config, sort_keys=True)
+    metadata["adapter_mode"] = mode
     out_path.parent.mkdir(parents=True, exist_ok=True)
     programs = {
         PREFILL_FUNCTION: build_program(w, prefill_length),
         DECODE_FUNCTION: build_program(w, 1),
     }
     save_package(programs, out_path, metadata)
-    files = _write_side_files(tokenizer, out_path, context_length, prefill_length)
+    files = write_side_files(tokenizer, out_path, context_length, prefill_length, model)
     return ExportResult(
         path=out_path,
         precision=precision,
@@ -182,7 +186,22 @@ def export_coreml(
     )
 
 
-def _check_settings(out_path: Path, context_length: int, prefill_length: int) -> None:
+def common_metadata(
+    model, precision: str, context_length: int, prefill_length: int, fingerprint: dict
+) -> dict[str, str]:
+    """The metadata every package of ours carries (APP_METADATA_KEYS among it)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "context_length": str(context_length),
+        "prefill_length": str(prefill_length),
+        "precision": precision,
+        "model_type": model.args.model_type,
+        "base_fingerprint": json.dumps(fingerprint, sort_keys=True),
+    }
+
+
+def check_settings(out_path: Path, context_length: int, prefill_length: int) -> None:
+    """Raise one CoreMLExportError listing every problem with the output path and lengths."""
     problems = []
     if out_path.suffix != ".mlpackage":
         problems.append(f"the output must end in .mlpackage, got {out_path.name!r}")
@@ -200,7 +219,7 @@ def _check_settings(out_path: Path, context_length: int, prefill_length: int) ->
 
 
 def save_package(
-    programs: dict[str, Program],
+    programs: dict[str, Program | Callable[[], Program]],
     out_path: Path,
     metadata: dict[str, str],
     default_function: str = DECODE_FUNCTION,
@@ -210,6 +229,8 @@ def save_package(
     are stored once, states are shared by name), describe it, and move it into place,
     replacing an older package.
 
+    programs: by function name; a callable is called when its turn comes, so that a package of
+    many functions over a large base never holds more than one built program at a time.
     metadata: stored under "ondevice_lora.<key>"; its context_length and prefill_length fill in
     the descriptions. descriptions: of inputs beyond those in DESCRIPTIONS, by name.
     """
@@ -219,7 +240,9 @@ def save_package(
         desc = ct.utils.MultiFunctionDescriptor()
         for name, program in programs.items():
             part = tmp / f"{name}.mlpackage"
+            program = program() if callable(program) else program
             convert_program(program).save(str(part))
+            del program  # one built program at a time (see above)
             desc.add_function(str(part), src_function_name="main", target_function_name=name)
         desc.default_function_name = default_function
         merged = tmp / "merged.mlpackage"
@@ -253,8 +276,11 @@ def _describe(spec, metadata: dict, descriptions: dict[str, str]) -> None:
         meta.userDefined[METADATA_PREFIX + key] = value
 
 
-def _write_side_files(tokenizer, out_path: Path, context_length: int, prefill_length: int):
-    """tokenizer.json, tokenizer_config.json and special_tokens.json beside the package."""
+def write_side_files(
+    tokenizer, out_path: Path, context_length: int, prefill_length: int, model=None
+) -> list[Path]:
+    """tokenizer.json, tokenizer_config.json, special_tokens.json and (given the model)
+    config.json beside the package; nothing without a tokenizer. Returns the files written."""
     if tokenizer is None:
         return []
     folder = out_path.parent
@@ -274,7 +300,13 @@ def _write_side_files(tokenizer, out_path: Path, context_length: int, prefill_le
     special = write_text_atomically(
         folder / SPECIAL_TOKENS_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n"
     )
-    return [folder / "tokenizer.json", folder / "tokenizer_config.json", special]
+    files = [folder / "tokenizer.json", folder / "tokenizer_config.json", special]
+    if model is not None:
+        # The model's own config.json keys (ModelArgs fields are exactly those).
+        config = dataclasses.asdict(model.args)
+        text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
+        files.append(write_text_atomically(folder / MODEL_CONFIG_FILE, text))
+    return files
 
 
 def weight_bytes(w: DecoderWeights) -> int:

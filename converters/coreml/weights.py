@@ -125,18 +125,21 @@ def _dense(module: nn.Module) -> mx.array:
     return dense_weight(module)
 
 
+def lora_branch(module: LoRALinear) -> LoraBranch:
+    """An adapter layer's unmerged branch as numpy constants (DoRA: with its row factor)."""
+    factor = None
+    if isinstance(module, DoRALinear):
+        factor = to_numpy(module.magnitude / module.weight_norm())
+    return LoraBranch(to_numpy(module.lora_a), to_numpy(module.lora_b), float(module.scale), factor)
+
+
 def linear_weights(module: nn.Module, precision: Precision, group_size: int) -> LinearWeights:
     """A linear layer, plain, quantised or wrapped by an adapter, at `precision`."""
     if isinstance(module, LoRALinear):
         if not precision.int4:
             return linear_weights(module.fuse(dequantize=True), precision, group_size)
         lin = linear_weights(module.base, precision, group_size)
-        factor = None
-        if isinstance(module, DoRALinear):
-            factor = to_numpy(module.magnitude / module.weight_norm())
-        lin.lora = LoraBranch(
-            to_numpy(module.lora_a), to_numpy(module.lora_b), float(module.scale), factor
-        )
+        lin.lora = lora_branch(module)
         return lin
     if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
         raise ValueError(

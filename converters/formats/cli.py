@@ -85,7 +85,7 @@ class _FormatGroup(click.Group):
 
 @click.group("export", cls=_FormatGroup)
 def export_group():
-    """Export an adapter for another tool (peft, mlx-lm, gguf-lora) or to Core ML (coreml)."""
+    """Export an adapter for another tool (peft, mlx-lm, gguf-lora) or for iOS (coreml, adapter)."""
 
 
 for _command in (peft_command, mlx_lm_command, gguf_lora_command):
