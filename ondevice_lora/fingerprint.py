@@ -43,10 +43,12 @@ def _architecture(model: nn.Module) -> dict:
 
 
 def _quantization(model: nn.Module) -> dict | None:
-    kinds = {nn.QuantizedLinear: "linear", nn.QuantizedEmbedding: "embedding"}
+    # isinstance, not the exact type: a quantised layer may run under a subclass of MLX's
+    # (cpu_matmul switches the class during training) and is still the same base.
+    kinds = ((nn.QuantizedLinear, "linear"), (nn.QuantizedEmbedding, "embedding"))
     found: dict[str, list] = {}
     for _, module in model.named_modules():
-        kind = kinds.get(type(module))
+        kind = next((name for cls, name in kinds if isinstance(module, cls)), None)
         if kind:
             settings = {"group_size": module.group_size, "bits": module.bits, "mode": module.mode}
             if settings not in found.setdefault(kind, []):

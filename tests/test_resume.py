@@ -102,17 +102,20 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(inputs, tmp_path):
+@pytest.mark.parametrize("batching", ["packed", "bucketed"])
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(inputs, tmp_path, batching):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    run(train_args(inputs, reference))
+    # max_length 128: two examples per packed row, three batches of two rows per epoch.
+    packing = ("--batching", batching, "--max-length", "128")
+    run(train_args(inputs, reference, *packing))
 
-    process = start(train_args(inputs, interrupted))
+    process = start(train_args(inputs, interrupted, *packing))
     wait_for(lambda: checkpoint_step(interrupted) >= KILL_AFTER_STEP, process)
     sigkill(process)
     killed_at = checkpoint_step(interrupted)
     assert KILL_AFTER_STEP <= killed_at < TOTAL_STEPS
 
-    run(train_args(inputs, interrupted, "--resume"))
+    run(train_args(inputs, interrupted, *packing, "--resume"))
 
     # The same adapters: the best by validation loss, and the last step's.
     for name in ("adapters.safetensors", "last/adapters.safetensors"):

@@ -208,10 +208,12 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_training(
     for name, value in plain_weights.items():
         assert mx.allclose(value, ckpt_weights[name], atol=1e-6).item(), name
     # Two micro-batches of 2 are one batch of 4: the step's loss is the mean over all the
-    # trained tokens, however they are split. (The same examples: one epoch fits one step.)
-    one, _ = short_run(model_folder, facts_folder, tmp_path / "c", iters=1, batch_size=12)
+    # trained tokens, however they are split. (The same examples: one epoch fits one step;
+    # bucketed, so that batch_size counts examples, not packed rows.)
+    bucketed = dict(iters=1, batching="bucketed")
+    one, _ = short_run(model_folder, facts_folder, tmp_path / "c", batch_size=12, **bucketed)
     two, _ = short_run(
-        model_folder, facts_folder, tmp_path / "d", iters=1, batch_size=6, grad_accumulation=2
+        model_folder, facts_folder, tmp_path / "d", batch_size=6, grad_accumulation=2, **bucketed
     )
     assert math.isclose(one.losses[0], two.losses[0], rel_tol=1e-5)
     assert one.trained_tokens == two.trained_tokens

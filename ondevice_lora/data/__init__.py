@@ -5,6 +5,8 @@
     print(splits.train.stats.summary())
     for inputs, targets, loss_mask in iterate_batches(splits.train, 4, config.max_length):
         ...
+    for batch in iterate_packed_batches(splits.train, 4, config.max_length):
+        ...   # PackedBatch: several examples per row, plus position_ids and segment_ids
 
 Every example is {"input_ids": list[int], "loss_mask": list[int]} of equal length, 1 where the
 token is a prediction target. Bad input raises DatasetError naming the file and line.
@@ -16,13 +18,23 @@ from .config import LOSS_ON, OVERLONG, DataConfig
 from .errors import DatasetError
 from .examples import DatasetStats
 from .loading import Dataset, DataSplits, load_dataset, load_datasets
+from .packing import (
+    BATCHING,
+    PackedBatch,
+    PackedBatchIterator,
+    iterate_packed_batches,
+    pack_examples,
+)
 from .records import CHAT_ROLES
 
 __all__ = [
+    "BATCHING",
     "CHAT_ROLES",
     "LOSS_ON",
     "OVERLONG",
     "Batch",
+    "PackedBatch",
+    "PackedBatchIterator",
     "BatchIterator",
     "DataConfig",
     "DataSplits",
@@ -32,6 +44,8 @@ __all__ = [
     "assistant_spans",
     "encode_chat",
     "iterate_batches",
+    "iterate_packed_batches",
     "load_dataset",
     "load_datasets",
+    "pack_examples",
 ]

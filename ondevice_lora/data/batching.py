@@ -118,8 +118,12 @@ class BatchIterator:
             if not self.repeat:
                 raise StopIteration
             self.epoch, self.index = self.epoch + 1, 0
-        indices = self.epoch_batches(self.epoch)[self.index]
+        entries = self.epoch_batches(self.epoch)[self.index]
         self.index += 1
+        return self.make_batch(entries)
+
+    def make_batch(self, indices: list[int]):
+        """The batch of one entry of epoch_batches (here: example indices)."""
         return self.collate([self.examples[i] for i in indices])
 
     def collate(self, examples: list[dict]) -> Batch:

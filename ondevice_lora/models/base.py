@@ -59,8 +59,22 @@ class RoPE(nn.Module):
         # mx.fast.rope takes either a base or the wavelengths/(2*pi) per rotated pair.
         self._periods = _llama3_periods(dims, theta, scaling) if kind == "llama3" else None
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        # x: (B, n_heads, L, head_dim); HF's rotate_half layout is MLX's non-traditional one.
+    def __call__(self, x: mx.array, offset: int = 0, positions: mx.array | None = None):
+        """Rotate x (B, n_heads, L, head_dim) for positions offset.. offset + L - 1, or, when
+        `positions` (B, L) is given, for those explicit positions (packed rows, where each
+        example's positions restart at 0)."""
+        if positions is None:
+            return self._rope(x, offset)
+        B, H, L, D = x.shape
+        # mx.fast.rope takes one offset per batch entry: make every token its own entry, of
+        # length 1, whose offset is its position. The same kernel as the fast path, so the
+        # rotation is bit-for-bit the one an unpacked example gets.
+        per_token = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+        rotated = self._rope(per_token, positions.reshape(-1).astype(mx.int32))
+        return rotated.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+    def _rope(self, x: mx.array, offset) -> mx.array:
+        # HF's rotate_half layout is MLX's non-traditional one.
         return mx.fast.rope(
             x,
             self.dims,
@@ -142,4 +156,18 @@ def make_attention_mask(
     allowed = allowed & padding_mask.astype(mx.bool_)[:, None, None, :]  # (B, 1, L, L_kv)
     # A finite minimum, not -inf: a padding query that may see no key then gets a uniform
     # softmax instead of NaN, and NaN would otherwise leak into real positions' gradients.
+    return mx.where(allowed, mx.array(0, dtype), mx.array(mx.finfo(dtype).min, dtype))
+
+
+def make_segment_mask(segment_ids: mx.array, dtype: mx.Dtype) -> mx.array:
+    """The additive mask of packed rows: causal attention within each segment only.
+
+    segment_ids: (B, L) integers, equal for the tokens of one example (padding forms a segment
+    of its own). Returns (B, 1, L, L): 0 where query t may see key s (s <= t, same segment),
+    a large negative number elsewhere, so each example attends as if it were alone in its row.
+    """
+    L = segment_ids.shape[1]
+    causal = mx.arange(L)[None, :] <= mx.arange(L)[:, None]  # (L_q, L_k)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, L_q, L_k)
+    allowed = (same & causal)[:, None]  # (B, 1, L_q, L_k)
     return mx.where(allowed, mx.array(0, dtype), mx.array(mx.finfo(dtype).min, dtype))

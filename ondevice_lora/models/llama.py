@@ -12,7 +12,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ModelLoadError
-from .base import BaseModelArgs, KVCache, RoPE, make_attention_mask, rope_settings
+from .base import (
+    BaseModelArgs,
+    KVCache,
+    RoPE,
+    make_attention_mask,
+    make_segment_mask,
+    rope_settings,
+)
+from .cpu_attention import scaled_dot_product_attention
 
 
 @dataclass
@@ -80,7 +88,7 @@ class Attention(nn.Module):
         """Hook for families that normalise queries and keys before the rotation (Qwen3)."""
         return queries, keys
 
-    def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, mask, cache: KVCache | None = None, positions=None):
         B, L, _ = x.shape
         # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
         queries = self.q_proj(x).reshape(B, L, self.n_heads, -1)
@@ -92,15 +100,14 @@ class Attention(nn.Module):
         values = values.transpose(0, 2, 1, 3)
 
         offset = cache.offset if cache is not None else 0
-        queries = self.rope(queries, offset=offset)
-        keys = self.rope(keys, offset=offset)
+        queries = self.rope(queries, offset=offset, positions=positions)
+        keys = self.rope(keys, offset=offset, positions=positions)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
 
-        # Grouped-query attention: the kernel shares each KV head across its query heads.
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=self.scale, mask=mask
-        )
+        # Grouped-query attention: the kernel shares each KV head across its query heads. On CPU
+        # long inputs go block by block, skipping the masked-out half (models/cpu_attention.py).
+        out = scaled_dot_product_attention(queries, keys, values, self.scale, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, heads * head_dim)
         return self.o_proj(out)
 
@@ -127,8 +134,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, mask, cache: KVCache | None = None, positions=None):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -142,7 +149,9 @@ class DecoderStack(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.sliding_window = args.sliding_window
 
-    def __call__(self, inputs: mx.array, cache=None, padding_mask=None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache=None, padding_mask=None, position_ids=None, segment_ids=None
+    ) -> mx.array:
         h = self.embed_tokens(inputs)
         offset = cache[0].offset if cache is not None else 0
         window = self.sliding_window
@@ -151,9 +160,12 @@ class DecoderStack(nn.Module):
                 f"sequence of {offset + inputs.shape[1]} tokens exceeds this model's "
                 f"sliding_window of {window}, which full attention does not reproduce."
             )
-        mask = make_attention_mask(inputs.shape[1], offset, padding_mask, h.dtype)
+        if segment_ids is None:
+            mask = make_attention_mask(inputs.shape[1], offset, padding_mask, h.dtype)
+        else:
+            mask = make_segment_mask(segment_ids, h.dtype)
         for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
-            h = layer(h, mask, layer_cache)
+            h = layer(h, mask, layer_cache, position_ids)
         return self.norm(h)
 
 
@@ -173,9 +185,29 @@ class Model(nn.Module):
         inputs: mx.array,
         cache: list[KVCache] | None = None,
         attention_mask: mx.array | None = None,
+        position_ids: mx.array | None = None,
+        segment_ids: mx.array | None = None,
     ) -> mx.array:
-        """inputs: (B, L) token ids -> logits (B, L, vocab_size)."""
-        h = self.model(inputs, cache, attention_mask)
+        """inputs: (B, L) token ids -> logits (B, L, vocab_size).
+
+        For packed rows (several examples per row, see data.packing): position_ids (B, L),
+        each example's positions counting from 0, and segment_ids (B, L), equal within one
+        example, which confine attention to each example. Both are for training: they do not
+        combine with a cache or a padding mask. Without them the fast path runs unchanged.
+        """
+        if (position_ids is not None or segment_ids is not None) and (
+            cache is not None or attention_mask is not None
+        ):
+            raise ValueError(
+                "position_ids and segment_ids describe packed training rows; they cannot be "
+                "combined with a KV cache or an attention_mask"
+            )
+        h = self.model(inputs, cache, attention_mask, position_ids, segment_ids)
+        return self.output_logits(h)
+
+    def output_logits(self, h: mx.array) -> mx.array:
+        """The output head alone: hidden states (..., hidden_size) -> logits (..., vocab_size).
+        Training calls it on the trained positions only (see training.step)."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

@@ -18,11 +18,14 @@ import yaml
 
 from ..adapters import LoraConfig
 from ..data.config import DataConfig
+from ..data.packing import BATCHING
 from ..errors import OndeviceLoraError
 from .schedule import OPTIMIZERS, SCHEDULES
 
 # Training length when neither iters nor epochs is given.
 DEFAULT_ITERS = 1000
+# MEASURED_BELOW
+DEFAULT_BATCHING = "packed"
 
 _LORA = {f.name: f for f in dataclasses.fields(LoraConfig)}
 _DATA = {f.name: f for f in dataclasses.fields(DataConfig)}
@@ -89,9 +92,22 @@ class TrainConfig:
     lr_schedule: str = _help("After warmup: cosine or constant.", "cosine")
     iters: int | None = _help(f"Optimizer steps (default {DEFAULT_ITERS} without epochs).", None)
     epochs: int | None = _help("Passes over the training data, instead of iters.", None)
-    batch_size: int = _help("Examples per batch.", 4)
+    batch_size: int = _help("Examples per batch (rows of max_length when packed).", 4)
+    batching: str = _help(
+        "packed: several examples per row, each seeing only itself; bucketed: one example per "
+        "row, padded to the longest of batches of similar length.",
+        DEFAULT_BATCHING,
+    )
     grad_accumulation: int = _help("Batches per optimizer step.", 1)
     grad_checkpoint: bool = _help("Recompute activations in backward: less memory.", False)
+    cache_limit_gb: float | None = _help(
+        "Most memory MLX keeps cached for reuse after arrays are freed, GB (None: MLX's).", None
+    )
+    memory_limit_gb: float | None = _help(
+        "Memory MLX aims to stay under, waiting for work in flight to free memory before "
+        "allocating more, GB (None: MLX's default).",
+        None,
+    )
     # Evaluation, checkpoints, stopping
     eval_every: int = _help("Validate every N steps (0: only at the start and end).", 100)
     eval_batches: int = _help("Validation batches per evaluation (-1: all).", 25)
@@ -159,6 +175,10 @@ class TrainConfig:
         check("model", self.model is None or isinstance(self.model, (str, Path)), "a path")
         check("adapter_path", isinstance(self.adapter_path, (str, Path)), "a folder path")
         check("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
+        check("batching", self.batching in BATCHING, f"one of {', '.join(BATCHING)}")
+        for key in ("cache_limit_gb", "memory_limit_gb"):
+            value = getattr(self, key)
+            check(key, value is None or (_number(value) and value >= 0), "a number >= 0 or null")
         check("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
         check("learning_rate", _number(self.learning_rate) and self.learning_rate > 0, "> 0")
         check("min_learning_rate", _number(self.min_learning_rate), "a number >= 0")
@@ -285,6 +305,8 @@ def _coerce(key: str, value):
 
 
 _FLOAT_FIELDS = {
+    "cache_limit_gb",
+    "memory_limit_gb",
     "alpha",
     "dropout",
     "valid_fraction",

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..data.batching import iterate_batches
 from ..data.config import DataConfig
 from ..data.loading import SPLIT_FILES, load_dataset
+from ..data.packing import BATCHING
 from ..errors import OndeviceLoraError
 from .offline import offline
 from .step import masked_cross_entropy
+from .trained_positions import position_kwargs
 
 
 def evaluate_loss(
@@ -29,22 +30,25 @@ def evaluate_loss(
     num_batches: int = -1,
     pad_id: int = 0,
     loss_fn=masked_cross_entropy,
+    batching: str = "bucketed",
 ) -> tuple[float, int]:
     """(mean loss per trained token, trained tokens) over the first `num_batches` batches.
 
-    Batches come in a fixed order (sorted by length, not shuffled), so every evaluation of a
-    run sees the same tokens and the losses are comparable. num_batches -1: all of them.
+    Batches come in a fixed order (not shuffled), so every evaluation of a run sees the same
+    tokens and the losses are comparable. num_batches -1: all of them. batching: "bucketed"
+    (padded batches sorted by length) or "packed" (rows of several examples); over all
+    batches both give the same loss, while the first N batches hold different examples.
     The model is put in eval mode (no dropout) and back in its previous mode afterwards.
     """
     was_training = model.training
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0.0)
-    batches = iterate_batches(examples, batch_size, max_length, shuffle=False, pad_id=pad_id)
+    batches = BATCHING[batching](examples, batch_size, max_length, shuffle=False, pad_id=pad_id)
     try:
-        for i, (inputs, targets, loss_mask) in enumerate(batches):
+        for i, batch in enumerate(batches):
             if num_batches != -1 and i >= num_batches:
                 break
-            loss, n = loss_fn(model, inputs, targets, loss_mask)
+            loss, n = loss_fn(model, *batch, **position_kwargs(loss_fn, batch))
             total, ntoks = total + loss * n, ntoks + n
             mx.eval(total, ntoks)
     finally:
@@ -141,6 +145,7 @@ def evaluation_data_path(data) -> Path:
 def evaluate_from_config(config: EvalConfig) -> EvalResult:
     """Load the base model, measure loss and perplexity on the data, then with the adapter."""
     from ..adapters import base_fingerprint, load_adapter
+    from ..cpu_matmul import dequantized_matmuls
     from ..loading import load
 
     config.validate()
@@ -152,9 +157,11 @@ def evaluate_from_config(config: EvalConfig) -> EvalResult:
         pad = tokenizer.pad_token_id or 0
 
         def measure():
-            return evaluate_loss(
-                model, dataset, config.batch_size, config.max_length, config.num_batches, pad
-            )
+            # Linux CPU with a fast BLAS: quantised layers de-quantise before large matmuls.
+            with dequantized_matmuls(model):
+                return evaluate_loss(
+                    model, dataset, config.batch_size, config.max_length, config.num_batches, pad
+                )
 
         base_loss, tokens = measure()
         result = EvalResult(

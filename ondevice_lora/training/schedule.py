@@ -6,6 +6,7 @@ is saved with every checkpoint: a resumed run continues the schedule where it st
 
 from __future__ import annotations
 
+import mlx.core as mx
 import mlx.optimizers as optim
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -31,7 +32,9 @@ def build_schedule(
     else:
 
         def main(step):
-            return learning_rate
+            # An array, as MLX's own schedules return: the optimiser casts it to each
+            # gradient's dtype, which a Python float cannot do.
+            return mx.array(learning_rate, dtype=mx.float32)
 
     if warmup_steps <= 0:
         return main

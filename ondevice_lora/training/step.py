@@ -15,14 +15,34 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from .trained_positions import cross_entropy_at, position_kwargs
 
-def masked_cross_entropy(model, inputs: mx.array, targets: mx.array, loss_mask: mx.array):
+
+def masked_cross_entropy(
+    model,
+    inputs: mx.array,
+    targets: mx.array,
+    loss_mask: mx.array,
+    position_ids: mx.array | None = None,
+    segment_ids: mx.array | None = None,
+    loss_positions: mx.array | None = None,
+):
     """Mean cross-entropy over the trained tokens, and how many there were.
 
     inputs, targets: int32 (B, W), targets[b, t] being the token after inputs[b, t];
-    loss_mask: (B, W), 1 where targets[b, t] is trained. Returns (loss, trained tokens).
+    loss_mask: (B, W), 1 where targets[b, t] is trained. position_ids, segment_ids: (B, W),
+    given for packed batches (data.PackedBatch). loss_positions: the trained positions
+    (trained_positions.trained_positions); with them only those get logits: the same loss
+    with less work. Returns (loss, trained tokens).
     """
-    logits = model(inputs)  # (B, W, vocab)
+    if loss_positions is not None:
+        return cross_entropy_at(
+            model, inputs, targets, loss_mask, loss_positions, position_ids, segment_ids
+        )
+    if segment_ids is None and position_ids is None:
+        logits = model(inputs)  # (B, W, vocab)
+    else:
+        logits = model(inputs, position_ids=position_ids, segment_ids=segment_ids)
     # float32: low-precision logits would round the log-softmax of a large vocabulary.
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
     mask = loss_mask.astype(mx.float32)
@@ -41,7 +61,10 @@ def step_seed(seed: int, step: int, micro: int = 0) -> int:
 
 
 def make_step(model: nn.Module, optimizer, loss_fn=masked_cross_entropy):
-    """A compiled step(inputs, targets, loss_mask, carry, apply) -> (loss, ntoks, carry).
+    """A compiled step(batch, carry, apply) -> (loss, ntoks, carry).
+
+    batch: a tuple of arrays, loss_fn's arguments after the model: (inputs, targets,
+    loss_mask) from bucketed batching, plus (position_ids, segment_ids) from packing.
 
     Gradient accumulation weights every micro-batch by its trained tokens, so the update is the
     gradient of the mean loss over all trained tokens of the step, however they fall into
@@ -53,8 +76,8 @@ def make_step(model: nn.Module, optimizer, loss_fn=masked_cross_entropy):
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(inputs, targets, loss_mask, carry, apply):
-        (loss, ntoks), grads = loss_and_grad(model, inputs, targets, loss_mask)
+    def compiled_step(batch, extra, carry, apply):
+        (loss, ntoks), grads = loss_and_grad(model, *batch, **extra)
         # Gradient and loss of the token *sum*, so micro-batches add up by their token counts.
         grads = tree_map(lambda g: g * ntoks, grads)
         loss_sum = loss * ntoks
@@ -67,6 +90,11 @@ def make_step(model: nn.Module, optimizer, loss_fn=masked_cross_entropy):
         denominator = mx.maximum(ntoks, 1.0)
         optimizer.update(model, tree_map(lambda g: g / denominator, grads))
         return loss_sum / denominator, ntoks, None
+
+    def step(batch, carry, apply):
+        # On CPU the trained positions are found on the host (a data-dependent shape, which a
+        # compiled graph cannot compute) and passed in: see trained_positions.py.
+        return compiled_step(batch, position_kwargs(loss_fn, batch), carry, apply)
 
     return step
 

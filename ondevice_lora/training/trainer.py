@@ -25,7 +25,8 @@ from ..adapters import (
     base_fingerprint,
     save_adapter,
 )
-from ..data.batching import iterate_batches
+from ..cpu_matmul import dequantized_matmuls
+from ..data.packing import BATCHING
 from .checkpoint import (
     CheckpointError,
     TrainState,
@@ -36,18 +37,21 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .evaluate import evaluate_loss, perplexity
+from .memory import batch_extent, estimate_memory, memory_limits
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsWriter, plot_losses, read_metrics
 from .offline import offline
 from .progress import TrainProgress
 from .schedule import build_optimizer, build_schedule
 from .step import gradient_checkpointing, make_step, masked_cross_entropy, step_seed
+from .trained_positions import enabled as logits_at_trained
 
 LAST_ADAPTER_DIR = "last"  # with keep_best, the adapter of the final step goes here
 # Settings that may change between an interrupted run and its resume; any other change would
 # make the resumed run a different run, so it is refused.
 RESUMABLE_CHANGES = {
     "resume", "offline_guard", "eval_every", "eval_batches", "save_every", "keep_best",
-    "early_stopping_patience", "iters", "epochs", "model", "data",
+    "early_stopping_patience", "iters", "epochs", "model", "data", "cache_limit_gb",
+    "memory_limit_gb",
 }  # fmt: skip
 
 
@@ -82,6 +86,8 @@ class TrainResult:
     resumed_from: int | None
     metrics_path: Path
     plot_path: Path | None
+    peak_memory_gb: float | None = None  # MLX's peak while training (weights included)
+    estimated_memory_gb: float | None = None  # what estimate_memory predicted
 
 
 def train(
@@ -92,7 +98,7 @@ def train(
     config: TrainConfig,
     callbacks=(),
     loss_fn=masked_cross_entropy,
-    batch_iterator=iterate_batches,
+    batch_iterator=None,
     show_progress: bool = True,
 ) -> TrainResult:
     """Train a LoRA adapter on `model` (a base without adapters) and save it.
@@ -100,8 +106,11 @@ def train(
     train_examples / valid_examples: lists of {"input_ids", "loss_mask"} (a data.Dataset
     works); valid_examples may be None (no evaluation, no best-adapter selection).
     callbacks: TrainingCallback objects. loss_fn(model, inputs, targets, loss_mask) ->
-    (mean loss, trained tokens). batch_iterator: data.iterate_batches or a function with its
-    signature, whose iterator has `.state` (a position it accepts back as keyword arguments).
+    (mean loss, trained tokens), called as loss_fn(model, *batch). batch_iterator: None for
+    the one config.batching names (data.iterate_packed_batches or data.iterate_batches), or a
+    function with their signature whose iterator has `.state` (a position it accepts back as
+    keyword arguments). Before training, estimate_memory's table is printed; MLX's cache and
+    memory limits are set from config for the run and restored afterwards.
     The adapter goes to config.adapter_path (adapters.safetensors + adapter_config.json with
     the base's fingerprint): the best one by validation loss when config.keep_best (the last
     step's then in `last/`), else the last. With config.resume, continues from the newest
@@ -110,7 +119,11 @@ def train(
     config.validate(require_data=False)
     started = time.perf_counter()
     out = Path(config.adapter_path)
-    with offline(config.offline_guard):
+    batch_iterator = batch_iterator or BATCHING[config.batching]
+    with (
+        offline(config.offline_guard),
+        memory_limits(config.cache_limit_gb, config.memory_limit_gb),
+    ):
         fingerprint = base_fingerprint(model, tokenizer)
         mx.random.seed(config.seed)  # the adapters' initial A matrices
         apply_adapters(model, config.lora_config())
@@ -135,14 +148,28 @@ def train(
         }
         state, resumed_from = _start(out, config, model, optimizer, identity)
         batches = make_batches(state.data_position)
+        # The widest batch the data makes, not max_length: short examples make narrow batches.
+        length, trained = batch_extent(batches) or (config.max_length, None)
+        estimate = estimate_memory(
+            model, config.lora_config(), config.batch_size, length, config.grad_checkpoint,
+            optimizer=config.optimizer, batching=config.batching,
+            grad_accumulation=config.grad_accumulation,
+            logit_positions=trained if logits_at_trained(loss_fn) else None,
+        )  # fmt: skip
+        info = {"total_steps": total, "start_step": state.step, "config": config}
         for c in callbacks:
-            c.on_train_begin({"total_steps": total, "start_step": state.step, "config": config})
+            c.on_train_begin({**info, "memory_estimate": estimate})
 
         with (
             MetricsWriter(out / METRICS_FILE, resume_step=resumed_from) as metrics,
             gradient_checkpointing(model, config.grad_checkpoint),
+            # Linux CPU with a fast BLAS: quantised layers de-quantise before large matmuls.
+            dequantized_matmuls(model),
             TrainProgress(total, state.step, enabled=show_progress) as ui,
         ):
+            ui.log(estimate.table())
+            # From here on, the peak is training's (not loading's), comparable to the estimate.
+            mx.reset_peak_memory()
             if resumed_from is not None:
                 ui.log(f"resumed from step {resumed_from} ({out})")
             elif config.resume:
@@ -151,7 +178,7 @@ def train(
             def validate(step: int) -> None:
                 loss = evaluate_loss(
                     model, valid_examples, config.batch_size, config.max_length,
-                    config.eval_batches, pad, loss_fn,
+                    config.eval_batches, pad, loss_fn, config.batching,
                 )[0]  # fmt: skip
                 if _record_validation(state, step, loss) and config.keep_best:
                     save_adapter(out, model, config.lora_config(), fingerprint)
@@ -193,6 +220,8 @@ def train(
         result = _finish(out, model, fingerprint, state, config, valid_examples is not None)
     result.resumed_from = resumed_from
     result.seconds = time.perf_counter() - started
+    result.peak_memory_gb = mx.get_peak_memory() / 1e9
+    result.estimated_memory_gb = estimate.total / 1e9
     for c in callbacks:
         c.on_train_end(result)
     return result
@@ -205,9 +234,9 @@ def _train_step(step_fn, model, optimizer, batches, state: TrainState, config) -
     carry = None
     accum = config.grad_accumulation
     for micro in range(accum):
-        inputs, targets, loss_mask = next(batches)
+        batch = tuple(next(batches))  # Batch or PackedBatch: loss_fn's arguments
         mx.random.seed(step_seed(config.seed, step, micro))
-        loss, ntoks, carry = step_fn(inputs, targets, loss_mask, carry, micro == accum - 1)
+        loss, ntoks, carry = step_fn(batch, carry, micro == accum - 1)
         # One evaluation per compiled call: the new weights, optimiser and random state.
         mx.eval(model.state, optimizer.state, mx.random.state, loss, ntoks, carry)
     seconds = time.perf_counter() - tic
