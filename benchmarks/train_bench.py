@@ -1,0 +1,238 @@
+"""Training throughput and memory, ondevice-lora against mlx-lm, on the same model and data.
+
+    python benchmarks/train_bench.py            # the 88M Llama, 500 chats (several minutes)
+    python benchmarks/train_bench.py --quick    # a small model, to check it runs (~1 minute)
+
+Makes (or takes, --model-dir) a random-weight Llama in float32 and 4-bit, and a deterministic
+variable-length chat dataset; trains each row in its own process up to the same number of
+trained tokens, with the same rank, targets, batch size, maximum length, optimizer and
+learning rate; prints one table and writes the results to JSON. Every process gets OpenBLAS
+preloaded when it is installed (`apt-get install libopenblas0-pthread`), mlx-lm's included, so
+the comparison is of the trainers, not of the BLAS. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench_setup as setup
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+# Each row: which trainer, which base, and anything it changes. The first "ours" row is
+# compared with BASELINE.
+ROWS = {
+    "ours-4bit": {"framework": "ours", "bits": 4},
+    "ours-fp32": {"framework": "ours", "bits": None},
+    "ours-4bit-bucketed": {"framework": "ours", "bits": 4, "batching": "bucketed"},
+    "mlx-lm-fp32": {"framework": "mlx-lm", "bits": None},
+    # Opt-in: MLX's 4-bit kernel on Linux CPU trains at a few tokens per second.
+    "mlx-lm-4bit": {"framework": "mlx-lm", "bits": 4},
+    # Opt-in: our trainer without the CPU path (no OpenBLAS, MLX's quantised kernel).
+    "ours-4bit-no-cpu-path": {"framework": "ours", "bits": 4, "cpu_path": False},
+}
+DEFAULT_ROWS = ["ours-4bit", "ours-fp32", "mlx-lm-fp32"]
+BASELINE = "mlx-lm-fp32"
+MODES = {
+    # chats, validation chats, longest chat, trained-token budget
+    "full": {
+        "model": setup.FULL_MODEL,
+        "chats": 500,
+        "valid": 50,
+        "max_length": 512,
+        "tokens": 12000,
+    },
+    "quick": {
+        "model": setup.QUICK_MODEL,
+        "chats": 80,
+        "valid": 8,
+        "max_length": 128,
+        "tokens": 1500,
+    },
+}
+
+
+def numpy_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """float32 matmul rate of numpy (its own optimised BLAS): the machine's ceiling."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    tic = time.perf_counter()
+    fn()
+    return time.perf_counter() - tic
+
+
+def child_env(cpu_path: bool) -> dict:
+    """The environment of a side's process: OpenBLAS preloaded when installed (and wanted)."""
+    from ondevice_lora.fast_blas import OPT_OUT_ENV, find_openblas, preload_env
+
+    env = dict(os.environ)
+    library = find_openblas()
+    if cpu_path and library:
+        env = preload_env(library, env)
+    elif not cpu_path:
+        env[OPT_OUT_ENV] = "0"
+        env.pop("LD_PRELOAD", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_row(name: str, spec: dict, work: Path, console: Console) -> dict:
+    row = ROWS[name]
+    folder = work / name
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh adapter folder: no checkpoint to resume
+    folder.mkdir(parents=True)
+    spec = {**spec, "framework": row["framework"], "batching": row.get("batching"),
+            "model_folder": str(spec["models"][str(row["bits"])]), "work": str(folder)}  # fmt: skip
+    (folder / "spec.json").write_text(json.dumps(spec))
+    out, log = folder / "result.json", folder / "log.txt"
+    console.print(f"[bold]{name}[/]: training (log: {log})")
+    with open(log, "w") as handle:
+        done = subprocess.run(
+            [sys.executable, str(HERE / "bench_sides.py"), str(folder / "spec.json"), str(out)],
+            env=child_env(row.get("cpu_path", True)), stdout=handle, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    if done.returncode != 0 or not out.is_file():
+        tail = log.read_text().splitlines()[-15:]
+        console.print(f"[red]{name} failed (exit {done.returncode}):[/]\n" + "\n".join(tail))
+        return {"row": name, "error": f"exit {done.returncode}; see {log}"}
+    result = {"row": name, **row, **json.loads(out.read_text())}
+    flops = setup.model_flops(
+        np.asarray(result.pop("steady_positions")) + 1, result["steady_trained_tokens"],
+        spec["model_config"],
+    )  # fmt: skip
+    result["model_gflops_per_s"] = flops / result["steady_seconds"] / 1e9
+    return result
+
+
+def table(results: list[dict], ceiling: float, title: str) -> Table:
+    out = Table(title=title)
+    for column in (
+        "run", "base", "batching", "trained tok/s", "real tok/s", "s/step", "trained tok/CPU-s",
+        "padding", "MLX peak GB", "max RSS GB", "val loss", "MFU",
+    ):  # fmt: skip
+        out.add_column(column, justify="left" if column in ("run", "batching") else "right")
+    for r in results:
+        if "error" in r:
+            out.add_row(r["row"], "", r["error"], *[""] * 9)
+            continue
+        out.add_row(
+            r["row"], "4-bit" if r["bits"] else "fp32", r["batching"],
+            f"{r['trained_tokens_per_s']:.1f}", f"{r['real_tokens_per_s']:.1f}",
+            f"{r['seconds_per_step']:.2f}", f"{r['trained_tokens_per_cpu_s']:.1f}",
+            f"{100 * r['padding_share']:.0f}%",
+            f"{r['mlx_peak_gb']:.2f}", f"{r['max_rss_gb']:.2f}", f"{r['val_loss']:.4f}",
+            f"{100 * r['model_gflops_per_s'] / ceiling:.1f}%",
+        )  # fmt: skip
+    return out
+
+
+def compare(results: list[dict]) -> dict | None:
+    """Our first row against the mlx-lm baseline: speed ratio and whether memory is no higher."""
+    ok = {r["row"]: r for r in results if "error" not in r}
+    ours = next((r for name, r in ok.items() if r["framework"] == "ours"), None)
+    base = ok.get(BASELINE)
+    if ours is None or base is None:
+        return None
+    return {
+        "ours": ours["row"],
+        "baseline": BASELINE,
+        "trained_tokens_per_s_ratio": ours["trained_tokens_per_s"] / base["trained_tokens_per_s"],
+        "trained_tokens_per_cpu_s_ratio": ours["trained_tokens_per_cpu_s"]
+        / base["trained_tokens_per_cpu_s"],
+        "mlx_peak_ratio": ours["mlx_peak_gb"] / base["mlx_peak_gb"],
+        "max_rss_ratio": ours["max_rss_gb"] / base["max_rss_gb"],
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model and data (~1 minute)")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"of {', '.join(ROWS)}")
+    parser.add_argument("--tokens", type=int, help="trained-token budget of every row")
+    parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/)")
+    parser.add_argument("--work", type=Path, help="keep models, data and logs here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    mode = MODES["quick" if args.quick else "full"]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    if importlib.util.find_spec("mlx_lm") is None:
+        rows = [r for r in rows if ROWS[r]["framework"] != "mlx-lm"]
+        print("mlx-lm is not installed (pip install -e '.[bench]'): its rows are skipped")
+    console = Console(width=150)
+    work = args.work or Path(tempfile.mkdtemp(prefix="train-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    config = mode["model"]
+    models = {
+        str(bits): setup.write_model(work / f"model-{bits or 'fp32'}", config, bits, args.seed)
+        for bits in {ROWS[r]["bits"] for r in rows}
+    }
+    max_length = mode["max_length"]
+    train = setup.make_chats(mode["chats"], config["vocab_size"], max_length, args.seed)
+    valid = setup.make_chats(mode["valid"], config["vocab_size"], max_length, args.seed + 1)
+    spec = {
+        "data": str(setup.write_data(work / "chats.json", train, valid)),
+        "models": {k: str(v) for k, v in models.items()}, "model_config": config,
+        "rank": 8, "alpha": 16.0, "batch_size": 4, "max_length": max_length,
+        "learning_rate": 5e-4, "seed": args.seed, "budget_tokens": args.tokens or mode["tokens"],
+    }  # fmt: skip
+    numpy_rate = numpy_matmul_gflops()
+    results = [run_row(name, spec, work, console) for name in rows]
+    mlx_rates = [r["mlx_matmul_gflops"] for r in results if "mlx_matmul_gflops" in r]
+    ceiling = max([numpy_rate, *mlx_rates])
+    for r in results:
+        if "model_gflops_per_s" in r:
+            r["mfu"] = r["model_gflops_per_s"] / ceiling
+    lengths = [len(x["input_ids"]) for x in train]
+    report = {
+        "mode": "quick" if args.quick else "full",
+        "machine": {
+            "platform": platform.platform(), "cpus": os.cpu_count(),
+            "numpy_fp32_matmul_gflops": numpy_rate, "fp32_matmul_ceiling_gflops": ceiling,
+        },
+        "settings": {k: v for k, v in spec.items() if k not in ("data", "models")}
+        | {"chats": len(train), "mean_chat_tokens": float(np.mean(lengths)),
+           "max_chat_tokens": int(max(lengths)), "valid_chats": len(valid)},
+        "rows": results,
+        "comparison": compare(results),
+    }  # fmt: skip
+    title = (
+        f"{'quick' if args.quick else '88M Llama'}: {len(train)} chats, "
+        f"{spec['budget_tokens']} trained tokens per row; fp32 matmul ceiling {ceiling:.0f} GFLOP/s"
+    )
+    console.print(table(results, ceiling, title))
+    if report["comparison"]:
+        c = report["comparison"]
+        console.print(
+            f"{c['ours']} vs {c['baseline']}: {c['trained_tokens_per_s_ratio']:.2f}x trained "
+            f"tokens/s ({c['trained_tokens_per_cpu_s_ratio']:.2f}x per CPU-second), MLX peak "
+            f"{c['mlx_peak_ratio']:.2f}x, max RSS {c['max_rss_ratio']:.2f}x"
+        )
+    out = args.out or HERE / "results" / f"train_bench_{report['mode']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"results: {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
