@@ -156,6 +156,8 @@ def _register_commands() -> None:
     from converters.coreml.cli import adapter_command, coreml_command
     from converters.formats.cli import export_group, import_adapter_command
 
+    from .quickstart import quickstart_command
+
     export_group.add_command(coreml_command)
     export_group.add_command(adapter_command)
     for command in (
@@ -165,6 +167,7 @@ def _register_commands() -> None:
         fuse_command,
         export_group,
         import_adapter_command,
+        quickstart_command,
     ):
         main.add_command(command)
 
