@@ -91,7 +91,9 @@ def test_estimate_is_within_tolerance_of_the_measured_peak(case, tokenizer, tmp_
     estimate = began["memory_estimate"]
     assert result.estimated_memory_gb == estimate.total / 1e9
     error = abs(result.estimated_memory_gb - result.peak_memory_gb) / result.peak_memory_gb
-    print(f"{case}: estimated {result.estimated_memory_gb:.4f} GB, measured {result.peak_memory_gb:.4f} GB")
+    print(
+        f"{case}: estimated {result.estimated_memory_gb:.4f} GB, measured {result.peak_memory_gb:.4f} GB"
+    )
     assert error <= ESTIMATE_TOLERANCE, (case, estimate.table(), result.peak_memory_gb)
     # Not dominated by constant overheads: activations and logits make up most of it.
     assert estimate.activations + estimate.logits > 0.8 * estimate.total

@@ -16,11 +16,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from ondevice_lora.errors import ModelLoadError, OndeviceLoraError
 from ondevice_lora.fact_check import FACTS_FILE, Fact, FactAnswer, read_facts, states_fact
 from ondevice_lora.fast_blas import fast_blas_active, find_openblas, preload_env
-from ondevice_lora.quickstart import FULL, QUICK, default_dataset, run_quickstart
+from ondevice_lora.quickstart import (
+    FULL,
+    QUICK,
+    default_dataset,
+    quickstart_command,
+    run_quickstart,
+)
 from ondevice_lora.quickstart.export import coreml_unavailable_reason
 from ondevice_lora.quickstart.run import ADAPTER_DIR, REPORT_FILE, _prepare_output
 
@@ -110,6 +117,18 @@ def test_output_folder_of_something_else_is_refused(tmp_path):
     assert not (earlier / ADAPTER_DIR).exists() and (earlier / "keep.txt").exists()
 
 
+def test_command_options_and_errors(tmp_path):
+    runner = CliRunner()
+    usage = runner.invoke(quickstart_command, ["--help"])
+    assert usage.exit_code == 0
+    for option in ("--out", "--quick", "--steps", "--data"):
+        assert option in usage.output
+    # A folder that is not the quickstart's own is refused before anything is loaded.
+    (tmp_path / "notes.txt").write_text("mine")
+    refused = runner.invoke(quickstart_command, ["--out", str(tmp_path), "--quick"])
+    assert refused.exit_code == 1 and "not a quickstart's output" in refused.output
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 
@@ -183,6 +202,11 @@ def test_quickstart_quick_mode_end_to_end(tmp_path, request):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("ONDEVICE_LORA_FULL_QUICKSTART") != "1",
+    reason="issue 8 is open: the full quickstart's fact scores and its 10-minute budget are not "
+    "yet confirmed on an idle machine; set ONDEVICE_LORA_FULL_QUICKSTART=1 to run it",
+)
 def test_full_quickstart_teaches_the_facts(tmp_path, request):
     """The acceptance bar: the base states at most 1 of the 5 test facts, the adapter 4."""
     _require_default_model()

@@ -18,7 +18,7 @@ from ..cpu_matmul import cpu_fast_path_available, dequantized_matmuls
 from ..data import load_datasets
 from ..errors import OndeviceLoraError
 from ..fact_check import FACTS_FILE, FactAnswer, ask, facts_table, read_facts
-from ..fast_blas import INSTALL_HINT, reexec_with_fast_blas
+from ..fast_blas import INSTALL_HINT
 from ..loading import load
 from ..training import TrainResult, offline, train
 from .export import ExportOutcome, export_adapter
@@ -179,8 +179,8 @@ def _warn_if_slow(console: Console) -> None:
     if sys.platform.startswith("linux") and not cpu_fast_path_available():
         console.print(
             "[yellow]MLX runs on its slow bundled BLAS in this process, so training will take "
-            f"far longer than a few minutes. Install OpenBLAS ({INSTALL_HINT}) and run the "
-            "`ondevice-lora quickstart` command, which preloads it."
+            f"far longer than a few minutes. Install OpenBLAS ({INSTALL_HINT}) and run "
+            "`ondevice-lora quickstart`, which preloads it."
         )
 
 
@@ -272,8 +272,8 @@ def _print_summary(console: Console, q: QuickstartResult) -> None:
 )
 def quickstart_command(out, quick, steps, data):
     """Teach the built-in model about a fictional person, offline, and export it for iOS."""
-    # First thing: on Linux this may restart the process with OpenBLAS preloaded (fast_blas).
-    reexec_with_fast_blas()
+    # On Linux the `ondevice-lora` group has already restarted the process with OpenBLAS
+    # preloaded when it is installed (fast_blas); _warn_if_slow says so when it is not.
     try:
         # A package that does not match MLX raises CoreMLValidationError (an
         # OndeviceLoraError): the command then fails with its figures.
