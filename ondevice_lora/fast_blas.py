@@ -6,7 +6,8 @@ optimised BLAS on the same cores runs 10-20x faster. The symbol is bound when ML
 from the libraries already in the process's global scope first, so an OpenBLAS that exports
 `cblas_sgemm` wins if it is preloaded (`LD_PRELOAD`) before the process starts. Setting the
 variable later does nothing, which is why the command line re-executes itself once with it set
-(`reexec_with_fast_blas`). Debian and Ubuntu ship one: `apt-get install libopenblas0-pthread`.
+(`reexec_with_fast_blas`). Debian and Ubuntu ship one (`apt-get install libopenblas0-pthread`);
+without it, PyPI's scipy-openblas32 serves through a small shim (blas_shim.py).
 
 Environment variables:
   ONDEVICE_LORA_FAST_BLAS=0     opt out: never preload, never re-execute.
@@ -30,8 +31,8 @@ REEXEC_MARKER_ENV = "_ONDEVICE_LORA_BLAS_REEXEC"
 SYMBOL = "cblas_sgemm"
 
 # Where distributions install an OpenBLAS that exports the plain cblas_* names (Debian and
-# Ubuntu's pthread, openmp and serial variants, Fedora, Arch). PyPI's scipy-openblas wheels
-# export only prefixed names (scipy_cblas_sgemm), so they cannot stand in.
+# Ubuntu's pthread, openmp and serial variants, Fedora, Arch). Without one, PyPI's
+# scipy-openblas32 (a dependency on Linux) serves through a forwarding shim (blas_shim.py).
 CANDIDATES = [
     f"/usr/lib/{arch}-linux-gnu/openblas-{variant}/libopenblas.so.0"
     for arch in ("x86_64", "aarch64")
@@ -43,7 +44,9 @@ CANDIDATES = [
     "/usr/lib/libopenblas.so.0",
 ]
 
-INSTALL_HINT = "apt-get install libopenblas0-pthread"
+INSTALL_HINT = (
+    "apt-get install libopenblas0-pthread, or a C compiler (cc) for the scipy-openblas32 shim"
+)
 
 
 def exports_symbol(path, name: str = SYMBOL) -> bool:
@@ -73,7 +76,9 @@ def _defines(data, wanted: bytes) -> bool:
             continue
         str_offset, str_size = sections[link][4], sections[link][5]
         strings = data[str_offset : str_offset + str_size]
-        if b"\0" + wanted + b"\0" not in strings:
+        # Not "\0name\0": linkers share tails, so cblas_sgemm may be the end of
+        # scipy_cblas_sgemm in the string table (as in blas_shim's library).
+        if wanted + b"\0" not in strings:
             return False  # the name is nowhere in the table: quick answer
         for at in range(offset, offset + size, entsize or 24):
             # Elf64_Sym starts with name offset, info, other, section index.
@@ -85,12 +90,18 @@ def _defines(data, wanted: bytes) -> bool:
 
 
 def find_openblas() -> str | None:
-    """The path of an OpenBLAS exporting cblas_sgemm ($ONDEVICE_LORA_BLAS first), or None."""
+    """The path of a library exporting cblas_sgemm: $ONDEVICE_LORA_BLAS when set, else a system
+    OpenBLAS, else the scipy-openblas32 shim (built on first use); None when there is none."""
     override = os.environ.get(LIBRARY_ENV)
     for path in [override] if override else CANDIDATES:
         if Path(path).is_file() and exports_symbol(path):
             return str(Path(path))
-    return None
+    if override:
+        return None
+    from .blas_shim import scipy_openblas_shim
+
+    shim = scipy_openblas_shim()
+    return shim if shim is not None and exports_symbol(shim) else None
 
 
 class _DlInfo(ctypes.Structure):
