@@ -326,6 +326,20 @@ def check_adapter_base(folder, saved_base: dict | None, fingerprint: dict) -> No
         )
 
 
+def tensor_mismatches(tensors: dict, expected: dict, needed: str) -> list[str]:
+    """One line per kind of mismatch between `tensors` and the `expected` name -> shape map:
+    missing, unexpected and misshapen names (each shape followed by "(<needed> <shape>)")."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshapen = [
+        f"{k} {tuple(tensors[k].shape)} ({needed} {shape})"
+        for k, shape in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != shape
+    ]
+    found = {"missing": missing, "unexpected": unexpected, "misshapen": misshapen}
+    return [f"{label} {len(v)}: {format_list(v)}" for label, v in found.items() if v]
+
+
 def read_adapter_tensors(model: nn.Module, folder, config: LoraConfig) -> dict[str, mx.array]:
     """The tensors of `folder`'s adapters.safetensors, checked against the names and shapes
     `config` gives `model`; raises AdapterError listing every missing, extra or misshapen one."""
@@ -335,16 +349,7 @@ def read_adapter_tensors(model: nn.Module, folder, config: LoraConfig) -> dict[s
         raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS_FILE} is missing.")
     loaded = read_safetensors(weights_path)
     # Check the file against the shapes the config implies before touching the model.
-    expected = expected_adapter_shapes(model, config)
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
-    misshapen = [
-        f"{k} {tuple(loaded[k].shape)} (expected {shape})"
-        for k, shape in expected.items()
-        if k in loaded and tuple(loaded[k].shape) != shape
-    ]
-    found = {"missing": missing, "unexpected": unexpected, "misshapen": misshapen}
-    problems = [f"{label} {len(v)}: {format_list(v)}" for label, v in found.items() if v]
+    problems = tensor_mismatches(loaded, expected_adapter_shapes(model, config), "expected")
     if problems:
         raise AdapterError(
             f"{weights_path}: the tensors do not fit the settings in {ADAPTER_CONFIG_FILE}:\n  "

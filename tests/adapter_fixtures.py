@@ -38,3 +38,22 @@ def write_adapter(
                 layer.lora_b = layer.lora_b * scale_to(path, layer, layer.delta_weight())
     save_adapter(folder, model, config, base_fingerprint(model, tokenizer))
     return Path(folder)
+
+
+# Two token rows the adapter tests compute logits on.
+TOKENS = mx.array([[5, 17, 42, 300, 7, 99, 256, 3], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def write_bases_with_adapters(root: Path, configs: dict[str, LoraConfig]) -> dict[str, Path]:
+    """An fp32 base and the same base in 4 bits (fp32 scales), with one adapter per config for
+    each: keys "base", "q4", and "<base>/<name>" for the adapters (seeded by their order)."""
+    from ondevice_lora.convert import convert
+    from tests.hf_fixtures import write_hf_model
+
+    write_hf_model(root / "base", "llama_tied_bias_head_dim")
+    convert(root / "base", root / "q4", bits=4, group_size=32, dtype="float32")
+    out = {"base": root / "base", "q4": root / "q4"}
+    for kind in ("base", "q4"):
+        for seed, (name, config) in enumerate(configs.items()):
+            out[f"{kind}/{name}"] = write_adapter(out[kind], root / kind / name, config, seed=seed)
+    return out

@@ -100,14 +100,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("fine_tune_type, use_rslora, targets, num_layers", CASES)
-def test_export_to_peft_matches_peft(
-    bases, tmp_path, fine_tune_type, use_rslora, targets, num_layers
-):
-    from peft import PeftModel
-
-    folder, hf_model = bases["llama"]
-    config = LoraConfig(
+def case_config(fine_tune_type, use_rslora, targets, num_layers) -> LoraConfig:
+    """The adapter of one parametrised case: rank 3 and alpha 7, odd on purpose."""
+    return LoraConfig(
         rank=3,
         alpha=7,
         target_modules=targets,
@@ -115,6 +110,16 @@ def test_export_to_peft_matches_peft(
         fine_tune_type=fine_tune_type,
         use_rslora=use_rslora,
     )
+
+
+@pytest.mark.parametrize("fine_tune_type, use_rslora, targets, num_layers", CASES)
+def test_export_to_peft_matches_peft(
+    bases, tmp_path, fine_tune_type, use_rslora, targets, num_layers
+):
+    from peft import PeftModel
+
+    folder, hf_model = bases["llama"]
+    config = case_config(fine_tune_type, use_rslora, targets, num_layers)
     ours = make_adapter(folder, tmp_path / "ours", config)
     expected = logits(ours)
     assert_adapter_matters(expected, folder)
@@ -199,14 +204,7 @@ def test_export_to_mlx_lm_loads_in_mlx_lm(
     # Not qwen2: mlx-lm reads transformers 5's qwen2 config.json with another rope_theta, so
     # even its base model differs from transformers'. This llama has biases and a head_dim.
     folder, _ = bases["llama_tied_bias_head_dim"]
-    config = LoraConfig(
-        rank=3,
-        alpha=7,
-        target_modules=targets,
-        num_layers=num_layers,
-        fine_tune_type=fine_tune_type,
-        use_rslora=use_rslora,
-    )
+    config = case_config(fine_tune_type, use_rslora, targets, num_layers)
     ours = make_adapter(folder, tmp_path / "ours", config)
     expected = logits(ours)
     assert_adapter_matters(expected, folder)

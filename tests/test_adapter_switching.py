@@ -24,14 +24,12 @@ from ondevice_lora.adapter_set import (
 )
 from ondevice_lora.adapters import AdapterError, LoraConfig, read_adapter_config
 from ondevice_lora.cli import main
-from ondevice_lora.convert import convert
 from ondevice_lora.fingerprint import base_fingerprint
 from ondevice_lora.lora import adapter_modules, wrapped_modules
 from ondevice_lora.weights import read_safetensors
-from tests.adapter_fixtures import write_adapter
+from tests.adapter_fixtures import TOKENS, write_adapter, write_bases_with_adapters
 from tests.hf_fixtures import write_hf_model
 
-TOKENS = mx.array([[5, 17, 42, 300, 7, 99, 256, 3], [1, 2, 3, 4, 5, 6, 7, 8]])
 CONFIGS = {
     "a": LoraConfig(rank=4, alpha=8, target_modules="all-linear"),
     # Other layers, rank and scaling than "a": the layers each adapter wraps differ.
@@ -42,14 +40,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("switching")
-    write_hf_model(root / "base", "llama_tied_bias_head_dim")
-    convert(root / "base", root / "q4", bits=4, group_size=32, dtype="float32")
-    out = {"base": root / "base", "q4": root / "q4"}
-    for kind in ("base", "q4"):
-        for seed, (name, config) in enumerate(CONFIGS.items()):
-            out[f"{kind}/{name}"] = write_adapter(out[kind], root / kind / name, config, seed=seed)
-    return out
+    return write_bases_with_adapters(tmp_path_factory.mktemp("switching"), CONFIGS)
 
 
 def logits(model) -> np.ndarray:

@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from ondevice_lora.adapter_set import load_adapters
 from ondevice_lora.adapters import AdapterError, LoraConfig
 from ondevice_lora.convert import (
-    convert,
     load_source,
     model_quantization,
     output_config,
@@ -25,10 +24,9 @@ from ondevice_lora.convert import (
 from ondevice_lora.errors import OndeviceLoraError
 from ondevice_lora.fuse import MIN_KEPT_SHARE, FuseLossWarning, fuse, fuse_command
 from ondevice_lora.loading import load
-from tests.adapter_fixtures import write_adapter
+from tests.adapter_fixtures import TOKENS, write_adapter, write_bases_with_adapters
 from tests.hf_fixtures import write_hf_model
 
-TOKENS = mx.array([[5, 17, 42, 300, 7, 99, 256, 3], [1, 2, 3, 4, 5, 6, 7, 8]])
 CONFIGS = {
     "a": LoraConfig(rank=4, alpha=8, target_modules="all-linear"),
     "b": LoraConfig(rank=2, alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=True),
@@ -39,14 +37,7 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """An fp32 base, the same base in 4 bits (fp32 scales), and adapters a, b, d for each."""
-    root = tmp_path_factory.mktemp("fuse")
-    write_hf_model(root / "base", "llama_tied_bias_head_dim")
-    convert(root / "base", root / "q4", bits=4, group_size=32, dtype="float32")
-    out = {"base": root / "base", "q4": root / "q4"}
-    for kind in ("base", "q4"):
-        for seed, (name, config) in enumerate(CONFIGS.items()):
-            out[f"{kind}/{name}"] = write_adapter(out[kind], root / kind / name, config, seed=seed)
-    return out
+    return write_bases_with_adapters(tmp_path_factory.mktemp("fuse"), CONFIGS)
 
 
 def adapted_logits(folders, kind, weights: dict) -> np.ndarray:

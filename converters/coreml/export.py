@@ -152,11 +152,7 @@ def export_coreml(
     start = time.perf_counter()
     out_path = Path(out_path)
     check_settings(out_path, context_length, prefill_length)
-    try:
-        p = get_precision(precision)
-        w = decoder_weights(model, p, context_length, group_size)
-    except ValueError as e:
-        raise CoreMLExportError(f"cannot export to {out_path}: {e}") from None
+    p, w = precision_weights(model, out_path, precision, context_length, group_size)
     adapters = adapter_modules(model)
     mode = "none" if not adapters else "unmerged" if p.int4 else "merged"
     if fingerprint is None:
@@ -216,6 +212,26 @@ def check_settings(out_path: Path, context_length: int, prefill_length: int) -> 
         )
     if problems:
         raise CoreMLExportError("cannot export to Core ML:\n  - " + "\n  - ".join(problems))
+
+
+def precision_weights(
+    model, out_path: Path, precision: str, context_length: int, group_size: int
+) -> tuple:
+    """(Precision, DecoderWeights) of `model` for an export at `precision`; a precision this
+    model cannot take (an unknown name, a layer it cannot quantise) is a CoreMLExportError."""
+    try:
+        p = get_precision(precision)
+        return p, decoder_weights(model, p, context_length, group_size)
+    except ValueError as e:
+        raise CoreMLExportError(f"cannot export to {out_path}: {e}") from None
+
+
+def require_plain_base(model, exporter: str, adapters_as: str) -> None:
+    """Exports that add adapters themselves refuse a model that already carries some."""
+    if adapter_modules(model):
+        raise CoreMLExportError(
+            f"{exporter} takes the plain base model, without adapters; give them as {adapters_as}."
+        )
 
 
 def save_package(

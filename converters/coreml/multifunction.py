@@ -37,13 +37,14 @@ from .export import (
     check_settings,
     common_metadata,
     folder_bytes,
+    precision_weights,
+    require_plain_base,
     save_package,
     weight_bytes,
     write_side_files,
 )
-from .settings import get_precision
 from .size_report import SizeReport, adapter_weight_bytes, pair_weight_bytes, weight_file_bytes
-from .weights import decoder_weights, lora_branch
+from .weights import lora_branch
 
 BASE_NAME = "base"
 FUNCTION_PREFIXES = ("prefill_", "decode_")
@@ -173,19 +174,12 @@ def export_multifunction(
     start = time.perf_counter()
     out_path = Path(out_path)
     check_settings(out_path, context_length, prefill_length)
-    if adapter_modules(model):
-        raise CoreMLExportError(
-            "export_multifunction takes the plain base model; give the adapters as folders."
-        )
+    require_plain_base(model, "export_multifunction", "folders")
     adapters = named_adapters(adapters)
     if fingerprint is None:
         fingerprint = base_fingerprint(model, tokenizer)
     configs = check_same_base(adapters, fingerprint)
-    try:
-        p = get_precision(precision)
-        base = decoder_weights(model, p, context_length, group_size)
-    except ValueError as e:
-        raise CoreMLExportError(f"cannot export to {out_path}: {e}") from None
+    _, base = precision_weights(model, out_path, precision, context_length, group_size)
     weights = {BASE_NAME: base}
     for name, folder in adapters.items():
         with adapter_loaded(model, folder):

@@ -30,7 +30,6 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 
 from ondevice_lora.fingerprint import base_fingerprint
-from ondevice_lora.lora import adapter_modules
 
 from .build import PROJECTIONS, DecoderWeights, LoraBranch, build_program
 from .export import (
@@ -42,13 +41,13 @@ from .export import (
     check_settings,
     common_metadata,
     folder_bytes,
+    precision_weights,
+    require_plain_base,
     save_package,
     weight_bytes,
     write_side_files,
 )
-from .settings import get_precision
 from .size_report import SizeReport, pair_weight_bytes, weight_file_bytes
-from .weights import decoder_weights
 
 SUPPORTED_TARGETS = tuple(name for names in PROJECTIONS.values() for name in names)
 SCALE_INPUT = "lora_scale"
@@ -224,16 +223,11 @@ def export_swappable(
     start = time.perf_counter()
     out_path = Path(out_path)
     check_settings(out_path, context_length, prefill_length)
-    if adapter_modules(model):
-        raise CoreMLExportError("export_swappable takes the plain base model, without adapters.")
+    require_plain_base(model, "export_swappable", "adapter files at run time")
     layout = SwappableLayout.from_architecture(dataclasses.asdict(model.args), targets, r_max)
     if fingerprint is None:
         fingerprint = base_fingerprint(model, tokenizer)
-    try:
-        p = get_precision(precision)
-        w = decoder_weights(model, p, context_length, group_size)
-    except ValueError as e:
-        raise CoreMLExportError(f"cannot export to {out_path}: {e}") from None
+    p, w = precision_weights(model, out_path, precision, context_length, group_size)
     if p.dtype != types.fp16:
         # An fp32 package would still get its adapters in fp16, so it could not match MLX to
         # fp32 precision, which is all an fp32 export is for.

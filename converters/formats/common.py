@@ -26,6 +26,7 @@ from ondevice_lora.adapters import (
     base_fingerprint,
     expected_adapter_shapes,
     read_adapter_config,
+    tensor_mismatches,
 )
 from ondevice_lora.atomic import write_atomically, write_text_atomically
 from ondevice_lora.errors import format_list
@@ -170,15 +171,7 @@ def check_and_write(
         expected = expected_adapter_shapes(model, config)
     except AdapterError as e:  # target modules this base does not have; name the source
         raise AdapterFormatError(f"{source}: {e}") from None
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    misshapen = [
-        f"{k} {tuple(tensors[k].shape)} (this base needs {shape})"
-        for k, shape in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != shape
-    ]
-    found = {"missing": missing, "unexpected": unexpected, "misshapen": misshapen}
-    problems = [f"{label} {len(v)}: {format_list(v)}" for label, v in found.items() if v]
+    problems = tensor_mismatches(tensors, expected, "this base needs")
     if problems:
         raise AdapterFormatError(
             f"{source}: the adapter does not fit this {model.args.model_type} base model "

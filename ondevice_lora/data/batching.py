@@ -28,7 +28,17 @@ class Batch(NamedTuple):
 
 
 class BatchIterator:
-    """Iterates batches of examples; see iterate_batches. `state` is the position to save."""
+    """Batches (inputs, targets, loss_mask) of mx arrays over a list of examples (iterate_batches).
+
+    examples: dicts with input_ids and loss_mask (a Dataset works), each 2..max_length long.
+    shuffle: a new seeded order each epoch, examples of similar length batched together;
+        False: the same batches every time, ordered by length (for evaluation).
+    epoch, index: where to start (a saved BatchIterator.state); repeat: go on to the next
+        epoch instead of stopping at the end of this one. drop_last: skip the last, smaller
+        batch (keeps one batch shape). pad_id: the token id written into padding (it carries
+        no loss, so any valid id works). pad_multiple: widths are rounded up to a multiple of it.
+    `state` is the position of the next batch, accepted back as epoch= and index=.
+    """
 
     def __init__(
         self,
@@ -141,40 +151,5 @@ class BatchIterator:
         return Batch(mx.array(ids[:, :-1]), mx.array(ids[:, 1:]), mx.array(mask[:, 1:]))
 
 
-def iterate_batches(
-    examples,
-    batch_size: int,
-    max_length: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    epoch: int = 0,
-    index: int = 0,
-    repeat: bool = False,
-    drop_last: bool = False,
-    pad_id: int = 0,
-    pad_multiple: int = 8,
-) -> BatchIterator:
-    """Batches (inputs, targets, loss_mask) of mx arrays over a list of examples.
-
-    examples: dicts with input_ids and loss_mask (a Dataset works), each 2..max_length long.
-    shuffle: a new seeded order each epoch, examples of similar length batched together;
-        False: the same batches every time, ordered by length (for evaluation).
-    epoch, index: where to start (a saved BatchIterator.state); repeat: go on to the next
-        epoch instead of stopping at the end of this one. drop_last: skip the last, smaller
-        batch (keeps one batch shape). pad_id: the token id written into padding (it carries
-        no loss, so any valid id works). pad_multiple: widths are rounded up to a multiple of it.
-    The returned iterator's `.state` is the position of the next batch.
-    """
-    return BatchIterator(
-        examples,
-        batch_size,
-        max_length,
-        seed=seed,
-        shuffle=shuffle,
-        epoch=epoch,
-        index=index,
-        repeat=repeat,
-        drop_last=drop_last,
-        pad_id=pad_id,
-        pad_multiple=pad_multiple,
-    )
+# The function-style name callers use: the iterator is built by its constructor.
+iterate_batches = BatchIterator

@@ -78,7 +78,13 @@ def pack_examples(
 
 
 class PackedBatchIterator(BatchIterator):
-    """Batches of `batch_size` packed rows; see iterate_packed_batches."""
+    """PackedBatch batches of `batch_size` rows, each row up to max_length - 1 positions.
+
+    The arguments are BatchIterator's (a drop-in replacement), except that batch_size counts
+    rows, each holding as many examples as fit, so a packed step trains more tokens than a
+    bucketed one of the same batch_size. The iterator's `.state` is the position of the next
+    batch, accepted back as epoch= and index=.
+    """
 
     def __len__(self) -> int:
         """Batches in the current epoch (packing decides how many rows an epoch has)."""
@@ -131,39 +137,7 @@ class PackedBatchIterator(BatchIterator):
         )
 
 
-def iterate_packed_batches(
-    examples,
-    batch_size: int,
-    max_length: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    epoch: int = 0,
-    index: int = 0,
-    repeat: bool = False,
-    drop_last: bool = False,
-    pad_id: int = 0,
-    pad_multiple: int = 8,
-) -> PackedBatchIterator:
-    """PackedBatch batches of `batch_size` rows, each row up to max_length - 1 positions.
-
-    The arguments are iterate_batches' (a drop-in replacement), except that batch_size counts
-    rows, each holding as many examples as fit, so a packed step trains more tokens than a
-    bucketed one of the same batch_size. The iterator's `.state` is the position of the next
-    batch, accepted back as epoch= and index=.
-    """
-    return PackedBatchIterator(
-        examples,
-        batch_size,
-        max_length,
-        seed=seed,
-        shuffle=shuffle,
-        epoch=epoch,
-        index=index,
-        repeat=repeat,
-        drop_last=drop_last,
-        pad_id=pad_id,
-        pad_multiple=pad_multiple,
-    )
+iterate_packed_batches = PackedBatchIterator
 
 
 # TrainConfig.batching -> batch iterator.
