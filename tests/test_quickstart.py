@@ -202,11 +202,6 @@ def test_quickstart_quick_mode_end_to_end(tmp_path, request):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("ONDEVICE_LORA_FULL_QUICKSTART") != "1",
-    reason="issue 8 is open: the full quickstart's fact scores and its 10-minute budget are not "
-    "yet confirmed on an idle machine; set ONDEVICE_LORA_FULL_QUICKSTART=1 to run it",
-)
 def test_full_quickstart_teaches_the_facts(tmp_path, request):
     """The acceptance bar: the base states at most 1 of the 5 test facts, the adapter 4."""
     _require_default_model()

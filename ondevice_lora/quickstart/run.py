@@ -29,6 +29,7 @@ ADAPTER_DIR, COREML_DIR = "adapter", "coreml"
 # Where the example dataset lives, relative to a source checkout (editable installs, CI) or to
 # the folder the README's install command runs in.
 DATASET = Path("examples") / "personal"
+INSTALLED_DATASET = Path("share") / "ondevice-lora" / DATASET
 
 
 @dataclass
@@ -75,8 +76,14 @@ class QuickstartResult:
 
 
 def default_dataset() -> Path:
-    """The example dataset: beside the source tree, or under the current folder."""
-    candidates = [Path(__file__).resolve().parents[2] / DATASET, Path.cwd() / DATASET]
+    """The example dataset: beside the source tree (an editable install), where a wheel puts it
+    (share/ondevice-lora/ under the environment, see pyproject's data-files), or under the
+    current folder."""
+    candidates = [
+        Path(__file__).resolve().parents[2] / DATASET,
+        Path(sys.prefix) / INSTALLED_DATASET,
+        Path.cwd() / DATASET,
+    ]
     for path in candidates:
         if (path / FACTS_FILE).is_file():
             return path
