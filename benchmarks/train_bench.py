@@ -3,12 +3,13 @@
     python benchmarks/train_bench.py            # the 88M Llama, 500 chats (several minutes)
     python benchmarks/train_bench.py --quick    # a small model, to check it runs (~1 minute)
 
-Makes (or takes, --model-dir) a random-weight Llama in float32 and 4-bit, and a deterministic
+Makes a random-weight Llama in float32 and 4-bit, and a deterministic
 variable-length chat dataset; trains each row in its own process up to the same number of
 trained tokens, with the same rank, targets, batch size, maximum length, optimizer and
-learning rate; prints one table and writes the results to JSON. Every process gets OpenBLAS
-preloaded when it is installed (`apt-get install libopenblas0-pthread`), mlx-lm's included, so
-the comparison is of the trainers, not of the BLAS. See benchmarks/README.md.
+learning rate; prints one table and writes the results to JSON. Every process gets the same
+fast BLAS preloaded (ondevice_lora.fast_blas: a system OpenBLAS, or scipy-openblas32 through a
+shim), mlx-lm's included, so the comparison is of the trainers, not of the BLAS. See
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from pathlib import Path
 
 import bench_setup as setup
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from ondevice_lora.training.config import DEFAULT_BATCHING
 
 HERE = Path(__file__).resolve().parent
 # Each row: which trainer, which base, and anything it changes. The first "ours" row is
@@ -37,13 +41,18 @@ ROWS = {
     "ours-4bit": {"framework": "ours", "bits": 4},
     "ours-fp32": {"framework": "ours", "bits": None},
     "ours-4bit-bucketed": {"framework": "ours", "bits": 4, "batching": "bucketed"},
+    "ours-4bit-packed": {"framework": "ours", "bits": 4, "batching": "packed"},
     "mlx-lm-fp32": {"framework": "mlx-lm", "bits": None},
     # Opt-in: MLX's 4-bit kernel on Linux CPU trains at a few tokens per second.
     "mlx-lm-4bit": {"framework": "mlx-lm", "bits": 4},
     # Opt-in: our trainer without the CPU path (no OpenBLAS, MLX's quantised kernel).
     "ours-4bit-no-cpu-path": {"framework": "ours", "bits": 4, "cpu_path": False},
 }
-DEFAULT_ROWS = ["ours-4bit", "ours-fp32", "mlx-lm-fp32"]
+DEFAULT_ROWS = ["ours-4bit-packed", "ours-4bit-bucketed", "mlx-lm-fp32", "ours-fp32"]
+MEDIAN_FIELDS = (
+    "trained_tokens_per_s", "real_tokens_per_s", "seconds_per_step", "trained_tokens_per_cpu_s",
+    "cpu_seconds_per_step", "first_step_s", "model_gflops_per_s", "val_loss",
+)  # fmt: skip
 BASELINE = "mlx-lm-fp32"
 MODES = {
     # chats, validation chats, longest chat, trained-token budget
@@ -121,8 +130,9 @@ def run_row(name: str, spec: dict, work: Path, console: Console) -> dict:
     return result
 
 
-def table(results: list[dict], ceiling: float, title: str) -> Table:
-    out = Table(title=title)
+def table(results: list[dict], ceiling: float, title: str, markdown: bool = False) -> Table:
+    """The results table; markdown=True draws it as a Markdown table (for the README)."""
+    out = Table(title=title, box=box.MARKDOWN) if markdown else Table(title=title)
     for column in (
         "run", "base", "batching", "trained tok/s", "real tok/s", "s/step", "trained tok/CPU-s",
         "padding", "MLX peak GB", "max RSS GB", "val loss", "MFU",
@@ -143,16 +153,47 @@ def table(results: list[dict], ceiling: float, title: str) -> Table:
     return out
 
 
-def compare(results: list[dict]) -> dict | None:
-    """Our first row against the mlx-lm baseline: speed ratio and whether memory is no higher."""
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per name over its repeats: the median of each rate and time (the machine may be
+    shared: one slow or lucky run must not decide), the largest memory figures."""
+    rows = []
+    for name in dict.fromkeys(r["row"] for r in runs):
+        mine = [r for r in runs if r["row"] == name and "error" not in r]
+        if not mine:
+            rows.append(next(r for r in runs if r["row"] == name))
+            continue
+        row = {**mine[0], "repeats": len(mine)}
+        for key in MEDIAN_FIELDS:
+            row[key] = float(np.median([r[key] for r in mine]))
+        for key in ("mlx_peak_gb", "max_rss_gb"):
+            row[key] = max(r[key] for r in mine)
+        rows.append(row)
+    return rows
+
+
+def compare(results: list[dict], runs: list[dict]) -> dict | None:
+    """Our default configuration's row (else our first) against the mlx-lm baseline: speed
+    ratio and memory ratios. pair_ratios: the speed ratio within each repeat."""
     ok = {r["row"]: r for r in results if "error" not in r}
-    ours = next((r for name, r in ok.items() if r["framework"] == "ours"), None)
+    mine = [r for r in ok.values() if r["framework"] == "ours"]
+    # Our trainer as it runs by default: a 4-bit base, the default batching.
+    ours = next(
+        (r for r in mine if r["bits"] == 4 and r["batching"] == DEFAULT_BATCHING),
+        mine[0] if mine else None,
+    )
     base = ok.get(BASELINE)
     if ours is None or base is None:
         return None
+    rate = {(r["row"], r["repeat"]): r["trained_tokens_per_s"] for r in runs if "error" not in r}
+    pairs = [
+        rate[ours["row"], i] / rate[BASELINE, i]
+        for i in sorted({r["repeat"] for r in runs})
+        if (ours["row"], i) in rate and (BASELINE, i) in rate
+    ]
     return {
         "ours": ours["row"],
         "baseline": BASELINE,
+        "pair_ratios": pairs,
         "trained_tokens_per_s_ratio": ours["trained_tokens_per_s"] / base["trained_tokens_per_s"],
         "trained_tokens_per_cpu_s_ratio": ours["trained_tokens_per_cpu_s"]
         / base["trained_tokens_per_cpu_s"],
@@ -169,6 +210,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/)")
     parser.add_argument("--work", type=Path, help="keep models, data and logs here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="run the rows in turn N times")
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -196,10 +238,16 @@ def main(argv=None) -> dict:
         "learning_rate": 5e-4, "seed": args.seed, "budget_tokens": args.tokens or mode["tokens"],
     }  # fmt: skip
     numpy_rate = numpy_matmul_gflops()
-    results = [run_row(name, spec, work, console) for name in rows]
-    mlx_rates = [r["mlx_matmul_gflops"] for r in results if "mlx_matmul_gflops" in r]
+    # Rows take turns (A B A B ...), so a change in the machine's load hits every row alike.
+    runs = [
+        {**run_row(name, spec, work / f"repeat-{i}", console), "repeat": i}
+        for i in range(args.repeat)
+        for name in rows
+    ]
+    mlx_rates = [r["mlx_matmul_gflops"] for r in runs if "mlx_matmul_gflops" in r]
     ceiling = max([numpy_rate, *mlx_rates])
-    for r in results:
+    results = aggregate(runs)
+    for r in results + runs:
         if "model_gflops_per_s" in r:
             r["mfu"] = r["model_gflops_per_s"] / ceiling
     lengths = [len(x["input_ids"]) for x in train]
@@ -213,11 +261,13 @@ def main(argv=None) -> dict:
         | {"chats": len(train), "mean_chat_tokens": float(np.mean(lengths)),
            "max_chat_tokens": int(max(lengths)), "valid_chats": len(valid)},
         "rows": results,
-        "comparison": compare(results),
+        "runs": runs,
+        "comparison": compare(results, runs),
     }  # fmt: skip
     title = (
         f"{'quick' if args.quick else '88M Llama'}: {len(train)} chats, "
-        f"{spec['budget_tokens']} trained tokens per row; fp32 matmul ceiling {ceiling:.0f} GFLOP/s"
+        f"{spec['budget_tokens']} trained tokens per row, medians of {args.repeat} run(s); "
+        f"fp32 matmul ceiling {ceiling:.0f} GFLOP/s"
     )
     console.print(table(results, ceiling, title))
     if report["comparison"]:
@@ -225,8 +275,11 @@ def main(argv=None) -> dict:
         console.print(
             f"{c['ours']} vs {c['baseline']}: {c['trained_tokens_per_s_ratio']:.2f}x trained "
             f"tokens/s ({c['trained_tokens_per_cpu_s_ratio']:.2f}x per CPU-second), MLX peak "
-            f"{c['mlx_peak_ratio']:.2f}x, max RSS {c['max_rss_ratio']:.2f}x"
+            f"{c['mlx_peak_ratio']:.2f}x, max RSS {c['max_rss_ratio']:.2f}x; per repeat: "
+            + ", ".join(f"{x:.2f}x" for x in c["pair_ratios"])
         )
+    # The same table as Markdown, to paste into benchmarks/README.md.
+    Console(width=250).print(table(results, ceiling, title, markdown=True))
     out = args.out or HERE / "results" / f"train_bench_{report['mode']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 
 class OndeviceLoraError(ValueError):
     """Base class for every error this package raises about user input."""
@@ -22,3 +24,18 @@ def format_list(items, limit: int = 12) -> str:
     if len(items) > limit:
         shown += f", ... ({len(items) - limit} more)"
     return shown
+
+
+def user_errors(command):
+    """Decorate a click command so our input errors end it with their message, not a
+    traceback (also when the command runs outside the main group, as in tests)."""
+    import click
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OndeviceLoraError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper

@@ -148,6 +148,15 @@ def preload_env(library: str, env: dict | None = None) -> dict:
     return env
 
 
+def reexec_library() -> str | None:
+    """The library reexec_with_fast_blas would preload, or None where it would do nothing."""
+    if not sys.platform.startswith("linux") or opted_out() or os.environ.get(REEXEC_MARKER_ENV):
+        return None
+    if fast_blas_active():
+        return None
+    return find_openblas()
+
+
 def reexec_with_fast_blas() -> None:
     """Replace this process by itself with OpenBLAS preloaded, when that makes MLX faster.
 
@@ -156,11 +165,7 @@ def reexec_with_fast_blas() -> None:
     marker variable), so it can never loop. Call it first thing in a command-line entry point:
     everything done before it is done twice.
     """
-    if not sys.platform.startswith("linux") or opted_out() or os.environ.get(REEXEC_MARKER_ENV):
-        return
-    if fast_blas_active():
-        return
-    library = find_openblas()
+    library = reexec_library()
     if library is None:
         return
     env = preload_env(library)

@@ -9,11 +9,10 @@ TrainConfig. Registered on the main group by cli.py as `train_command` and `eval
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import click
 
-from .errors import OndeviceLoraError
+from .errors import user_errors
 from .training.config import TrainConfig
 from .training.evaluate import EvalConfig
 
@@ -56,19 +55,6 @@ def _train_options(command):
     return command
 
 
-def _user_errors(command):
-    """Our input errors end the command with their message, not a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except OndeviceLoraError as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
-
-
 def config_from_flags(config_file, flags: dict) -> TrainConfig:
     """The TrainConfig of a `train` command line: defaults, then the YAML file, then flags."""
     overrides = {k: v for k, v in flags.items() if v is not None}
@@ -92,7 +78,7 @@ def config_from_flags(config_file, flags: dict) -> TrainConfig:
     help="YAML file of settings (the keys are the flag names with underscores); flags win.",
 )
 @_train_options
-@_user_errors
+@user_errors
 def train_command(config_file, **flags):
     """Train a LoRA adapter on your data, offline; resumable with --resume."""
     from .training.api import train_from_config
@@ -139,7 +125,7 @@ _EVAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
     show_default=True,
     help="Refuse every network connection while evaluating.",
 )
-@_user_errors
+@user_errors
 def eval_command(**options):
     """Loss and perplexity on a test set, with and without the adapter."""
     from .training.evaluate import evaluate_from_config

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ondevice_lora.training.config import DEFAULT_BATCHING
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_bench.py"
 ROW_FIELDS = {
     "row", "framework", "bits", "batching", "steps", "trained_tokens", "trained_tokens_per_s",
@@ -37,7 +39,8 @@ def test_quick_benchmark_writes_its_results(tmp_path):
     assert settings["rank"] == 8 and settings["batch_size"] == 4 and settings["chats"] > 0
     rows = {r["row"]: r for r in report["rows"]}
     with_mlx_lm = importlib.util.find_spec("mlx_lm") is not None
-    expected = {"ours-4bit", "ours-fp32"} | ({"mlx-lm-fp32"} if with_mlx_lm else set())
+    expected = {"ours-4bit-packed", "ours-4bit-bucketed", "ours-fp32"}
+    expected |= {"mlx-lm-fp32"} if with_mlx_lm else set()
     assert set(rows) == expected
     for name, row in rows.items():
         assert "error" not in row, (name, row.get("error"))
@@ -48,4 +51,6 @@ def test_quick_benchmark_writes_its_results(tmp_path):
         assert row["val_loss"] > 0 and row["mlx_peak_gb"] > 0
     if with_mlx_lm:
         assert set(report["comparison"]) >= {"trained_tokens_per_s_ratio", "mlx_peak_ratio"}
+        # The comparison is of our trainer as it runs by default.
+        assert rows[report["comparison"]["ours"]]["batching"] == DEFAULT_BATCHING
     assert "trained tok/s" in run.stdout

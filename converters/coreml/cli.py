@@ -8,12 +8,11 @@ and the other commands do not pay for them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import click
 
-from ondevice_lora.errors import OndeviceLoraError
+from ondevice_lora.errors import user_errors
 
 # A fixed, plain English prompt for validation: long enough (with a chat template around it) to
 # fill more than one prefill chunk, so chunking and padding are exercised too.
@@ -23,20 +22,6 @@ VALIDATION_TEXT = (
 )
 DECODE_STEPS = 8
 MODES = ("merged", "multifunction", "swappable")
-
-
-def _user_errors(command):
-    """Our input errors end the command with their message, not a traceback (also when the
-    command runs outside the main group, as in tests)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except OndeviceLoraError as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
 
 
 class _ListOptionsCommand(click.Command):
@@ -129,7 +114,7 @@ class _ListOptionsCommand(click.Command):
     is_flag=True,
     help="Skip the check of the saved package against MLX (not recommended).",
 )
-@_user_errors
+@user_errors
 def coreml_command(model_name, adapter, adapters, mode, out_path, no_validate, **settings):
     """Export to a stateful Core ML package (prefill + decode) and validate it against MLX."""
     from ondevice_lora.fingerprint import base_fingerprint
@@ -285,7 +270,7 @@ def _swappable(model, tokenizer, adapters, out_path, fingerprint, package, setti
     help="The file to write, ending in .coreml-adapter.safetensors. [default: "
     "<adapter name>.coreml-adapter.safetensors beside the package, or here]",
 )
-@_user_errors
+@user_errors
 def adapter_command(adapter, package, r_max, targets, out_path):
     """Write an adapter as one file a swappable Core ML package takes as inputs."""
     from ondevice_lora.adapters import read_adapter_config

@@ -6,27 +6,11 @@ holds `peft_command`, `mlx_lm_command` and `gguf_lora_command`) and `import_adap
 
 from __future__ import annotations
 
-import functools
-
 import click
 
-from ondevice_lora.errors import OndeviceLoraError
+from ondevice_lora.errors import user_errors
 
 from . import EXPORTERS, IMPORTERS, export_gguf_lora, export_mlx_lm, export_peft, import_adapter
-
-
-def _user_errors(command):
-    """Our input errors end the command with their message, not a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except OndeviceLoraError as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
-
 
 _adapter_option = click.option(
     "--adapter",
@@ -47,7 +31,7 @@ def _out_option(what: str):
     default=None,
     help="Hub id or folder of the base, recorded as base_model_name_or_path for PEFT.",
 )
-@_user_errors
+@user_errors
 def peft_command(adapter, out, base_model_name):
     """A PEFT folder that peft.PeftModel.from_pretrained loads onto a transformers model."""
     click.echo(f"PEFT adapter: {export_peft(adapter, out, base_model_name)}")
@@ -56,7 +40,7 @@ def peft_command(adapter, out, base_model_name):
 @click.command("mlx-lm")
 @_adapter_option
 @_out_option("mlx-lm adapter folder")
-@_user_errors
+@user_errors
 def mlx_lm_command(adapter, out):
     """An mlx-lm folder for `mlx_lm.load(model, adapter_path=...)` and `--adapter-path`."""
     click.echo(f"mlx-lm adapter: {export_mlx_lm(adapter, out)}")
@@ -65,7 +49,7 @@ def mlx_lm_command(adapter, out):
 @click.command("gguf-lora")
 @_adapter_option
 @_out_option(".gguf file")
-@_user_errors
+@user_errors
 def gguf_lora_command(adapter, out):
     """A GGUF LoRA file for llama.cpp (`--lora`), on the base's own GGUF conversion."""
     click.echo(f"GGUF LoRA adapter: {export_gguf_lora(adapter, out)}")
@@ -109,7 +93,7 @@ assert set(export_group.commands) == set(EXPORTERS)  # one command per exporter
     "against it and tied to it.",
 )
 @click.option("--out", required=True, help="Where to write our adapter folder.")
-@_user_errors
+@user_errors
 def import_adapter_command(fmt, path, model, out):
     """Import a PEFT or mlx-lm adapter as an ondevice-lora adapter folder."""
     click.echo(f"adapter: {import_adapter(fmt, path, out, model)}")
