@@ -202,6 +202,40 @@ def compare(results: list[dict], runs: list[dict]) -> dict | None:
     }
 
 
+def show(report: dict, console: Console) -> None:
+    """Print a report's table, its comparison line, and the table again as Markdown."""
+    settings, rows = report["settings"], report["rows"]
+    ceiling = report["machine"]["fp32_matmul_ceiling_gflops"]
+    repeats = max(r["repeat"] for r in report["runs"]) + 1
+    title = (
+        f"{'quick' if report['mode'] == 'quick' else '88M Llama'}: {settings['chats']} chats, "
+        f"{settings['budget_tokens']} trained tokens per row, medians of {repeats} run(s); "
+        f"fp32 matmul ceiling {ceiling:.0f} GFLOP/s"
+    )
+    console.print(table(rows, ceiling, title))
+    c = report["comparison"]
+    if c:
+        console.print(
+            f"{c['ours']} vs {c['baseline']}: {c['trained_tokens_per_s_ratio']:.2f}x trained "
+            f"tokens/s ({c['trained_tokens_per_cpu_s_ratio']:.2f}x per CPU-second), MLX peak "
+            f"{c['mlx_peak_ratio']:.2f}x, max RSS {c['max_rss_ratio']:.2f}x; per repeat: "
+            + ", ".join(f"{x:.2f}x" for x in c["pair_ratios"])
+        )
+    # The same table as Markdown, to paste into benchmarks/README.md.
+    Console(width=250).print(table(rows, ceiling, title, markdown=True))
+
+
+def show_saved(path: Path) -> dict:
+    """Print a saved report; its comparison is recomputed for the trainer's current default
+    batching (a report made before the default changed compares the row now the default)."""
+    report = json.loads(path.read_text())
+    report["default_batching"] = DEFAULT_BATCHING
+    report["comparison"] = compare(report["rows"], report["runs"])
+    show(report, Console(width=150))
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model and data (~1 minute)")
@@ -211,7 +245,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", type=Path, help="keep models, data and logs here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="run the rows in turn N times")
+    parser.add_argument("--show", type=Path, help="print a saved results JSON; run nothing")
     args = parser.parse_args(argv)
+    if args.show:
+        return show_saved(args.show)
     mode = MODES["quick" if args.quick else "full"]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -262,24 +299,10 @@ def main(argv=None) -> dict:
            "max_chat_tokens": int(max(lengths)), "valid_chats": len(valid)},
         "rows": results,
         "runs": runs,
+        "default_batching": DEFAULT_BATCHING,
         "comparison": compare(results, runs),
     }  # fmt: skip
-    title = (
-        f"{'quick' if args.quick else '88M Llama'}: {len(train)} chats, "
-        f"{spec['budget_tokens']} trained tokens per row, medians of {args.repeat} run(s); "
-        f"fp32 matmul ceiling {ceiling:.0f} GFLOP/s"
-    )
-    console.print(table(results, ceiling, title))
-    if report["comparison"]:
-        c = report["comparison"]
-        console.print(
-            f"{c['ours']} vs {c['baseline']}: {c['trained_tokens_per_s_ratio']:.2f}x trained "
-            f"tokens/s ({c['trained_tokens_per_cpu_s_ratio']:.2f}x per CPU-second), MLX peak "
-            f"{c['mlx_peak_ratio']:.2f}x, max RSS {c['max_rss_ratio']:.2f}x; per repeat: "
-            + ", ".join(f"{x:.2f}x" for x in c["pair_ratios"])
-        )
-    # The same table as Markdown, to paste into benchmarks/README.md.
-    Console(width=250).print(table(results, ceiling, title, markdown=True))
+    show(report, console)
     out = args.out or HERE / "results" / f"train_bench_{report['mode']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

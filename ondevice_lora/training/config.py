@@ -24,13 +24,15 @@ from .schedule import OPTIMIZERS, SCHEDULES
 
 # Training length when neither iters nor epochs is given.
 DEFAULT_ITERS = 1000
-# Packed by measurement (benchmarks/README.md; 2 x86 cores, MLX CPU with OpenBLAS): on the
-# 88M-parameter Llama with 500 chats (mean 226, max 512 tokens), packed trained 99.8 tokens/s
-# against bucketed's 96.1 at equal validation loss after the same tokens (9.050 vs 9.040), with
-# 1% padding instead of 4% and the same peak memory per token. On a 4-layer, hidden-256 model
-# bucketed was up to 10% faster per CPU-second: a packed row attends over its whole width, which
-# costs more when attention is a larger share of the model. --batching bucketed chooses that.
-DEFAULT_BATCHING = "packed"
+# Bucketed by measurement (benchmarks/README.md; 2 x86 cores, MLX CPU with OpenBLAS). On the
+# 88M-parameter Llama with 500 chats (mean 226, max 512 tokens) the two tie within run-to-run
+# noise: trained tokens/s over three runs, packed 99.8, 91.1, 104.2 and bucketed 96.1, 96.9,
+# 100.7 (medians of the last two runs 97.6 and 98.8), bucketed with the lower validation loss
+# after equal tokens (9.040 vs 9.050) and the steadier speed. On a 4-layer, hidden-256 model
+# bucketed was up to 10% faster per CPU-second: a packed row attends over its whole width,
+# which costs more where attention is a larger share of the model. Packing pads 1% instead of
+# 4%, at the same peak memory per token; --batching packed chooses it.
+DEFAULT_BATCHING = "bucketed"
 
 _LORA = {f.name: f for f in dataclasses.fields(LoraConfig)}
 _DATA = {f.name: f for f in dataclasses.fields(DataConfig)}
