@@ -45,6 +45,24 @@ def _answer(record: dict) -> str:
 # --- the dataset --------------------------------------------------------------------------------
 
 
+def test_installed_dataset_is_found_outside_the_checkout(tmp_path, monkeypatch):
+    """A wheel puts the dataset under the environment's share/ (pyproject's data-files); with no
+    source tree beside the package and another current folder, that copy is the one used."""
+    import shutil
+
+    from ondevice_lora.quickstart import run
+
+    installed = tmp_path / "env" / run.INSTALLED_DATASET
+    shutil.copytree(DATASET, installed)
+    monkeypatch.setattr(run, "__file__", str(tmp_path / "site" / "ondevice_lora" / "q" / "run.py"))
+    monkeypatch.setattr(run.sys, "prefix", str(tmp_path / "env"))
+    monkeypatch.chdir(tmp_path)
+    assert default_dataset() == installed
+    shutil.rmtree(installed)
+    with pytest.raises(OndeviceLoraError, match="pass --data FOLDER"):
+        default_dataset()
+
+
 def test_dataset_splits_and_facts_agree():
     train, valid, test = (_read_jsonl(DATASET / f"{s}.jsonl") for s in ("train", "valid", "test"))
     facts = read_facts(DATASET / FACTS_FILE)
