@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import OndeviceLoraError, format_list
+from .errors import OndeviceLoraError, format_list, user_errors
 from .loading import load_config, load_model, resolve_model_path
 from .weights import INDEX_FILE, read_json, save_weights, write_json
 
@@ -304,12 +304,10 @@ def _safetensors_header(path: Path) -> dict:
 @click.option("--group-size", type=int, default=64, show_default=True, help="32, 64 or 128.")
 @click.option("--dtype", default=None, help="float16, bfloat16 or float32 [default: source's].")
 @click.option("--force", is_flag=True, help="Replace the model files in a non-empty --out.")
+@user_errors
 def convert_command(model, out, bits, group_size, dtype, force):
     """Quantise a model to an mlx-lm folder (affine, 4 or 8 bits)."""
-    try:
-        path = convert(model, out, bits=bits, group_size=group_size, dtype=dtype, force=force)
-    except OndeviceLoraError as e:
-        raise click.ClickException(str(e)) from None
+    path = convert(model, out, bits=bits, group_size=group_size, dtype=dtype, force=force)
     summary = summarize(path)
     files = sorted(p.name for p in path.iterdir() if p.is_file())
     click.echo(f"Wrote {path} ({bits}-bit, group size {group_size}): {format_list(files)}")

@@ -41,7 +41,7 @@ from .convert import (
     source_dtype,
     write_model_folder,
 )
-from .errors import OndeviceLoraError
+from .errors import OndeviceLoraError, user_errors
 from .fuse_report import (
     MAX_EFFECT_ERROR,
     MIN_KEPT_SHARE,
@@ -237,18 +237,14 @@ def _logits(net: nn.Module, inputs: list[mx.array]) -> mx.array:
 )
 @click.option("--dtype", default=None, help="float16, bfloat16 or float32 [default: source's].")
 @click.option("--force", is_flag=True, help="Replace the model files in a non-empty --out.")
+@user_errors
 def fuse_command(model_name, adapters, weights, out, dequantize, dtype, force):
     """Fold adapters into the base model and save it, reporting what the fold loses."""
     from rich.console import Console
 
-    try:
-        with warnings.catch_warnings():
-            # The report prints each warning itself, with the table.
-            warnings.simplefilter("ignore", FuseLossWarning)
-            report = fuse(
-                model_name, adapters, out, dequantize, dtype, weights or None, force=force
-            )
-    except OndeviceLoraError as e:
-        raise click.ClickException(str(e)) from None
+    with warnings.catch_warnings():
+        # The report prints each warning itself, with the table.
+        warnings.simplefilter("ignore", FuseLossWarning)
+        report = fuse(model_name, adapters, out, dequantize, dtype, weights or None, force=force)
     print_report(report, Console())
     click.echo(f"Wrote {report.out_folder}")

@@ -106,27 +106,28 @@ def reference(root):
     return model, tokenizer, fingerprint
 
 
-@pytest.fixture(scope="module")
-def multi(tiny):
-    """A 3-adapter multifunction package, exported by the CLI (which validates every pair)."""
+def export_by_cli(tiny, name: str, mode: str, adapters) -> tuple:
+    """`export coreml --mode <mode>` of the tiny base with these adapters: (package, output)."""
     root, folders = tiny
-    out = root / "multi" / "multi.mlpackage"
-    args = ["--model", root / "base", "--adapters", *(folders[n] for n in MULTI_ADAPTERS)]
-    args += ["--mode", "multifunction", "--out", out, "--context", CONTEXT]
-    code, output = run_cli(coreml_command, args + ["--prefill-length", PREFILL])
+    out = root / name / f"{name}.mlpackage"
+    args = ["--model", root / "base", "--adapters", *(folders[n] for n in adapters)]
+    args += ["--mode", mode, "--out", out, "--context", CONTEXT, "--prefill-length", PREFILL]
+    code, output = run_cli(coreml_command, args)
     assert code == 0, output
     return out, output
 
 
 @pytest.fixture(scope="module")
+def multi(tiny):
+    """A 3-adapter multifunction package, exported by the CLI (which validates every pair)."""
+    return export_by_cli(tiny, "multi", "multifunction", MULTI_ADAPTERS)
+
+
+@pytest.fixture(scope="module")
 def swap(tiny):
     """A swappable package (r_max 8, every projection) and the files of 3 adapters, by CLI."""
-    root, folders = tiny
-    out = root / "swap" / "swap.mlpackage"
-    args = ["--model", root / "base", "--adapters", *(folders[n] for n in SWAP_ADAPTERS)]
-    args += ["--mode", "swappable", "--out", out, "--context", CONTEXT]
-    code, output = run_cli(coreml_command, args + ["--prefill-length", PREFILL])
-    assert code == 0, output
+    _, folders = tiny
+    out, output = export_by_cli(tiny, "swap", "swappable", SWAP_ADAPTERS)
     names = function_names(folders[n] for n in SWAP_ADAPTERS)  # "sql-v2" -> "sql_v2"
     files = {name: out.parent / (name + FILE_SUFFIX) for name in names}
     return out, files, output

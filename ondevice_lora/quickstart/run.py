@@ -16,7 +16,7 @@ from rich.table import Table
 from ..atomic import write_text_atomically
 from ..cpu_matmul import cpu_fast_path_available, dequantized_matmuls
 from ..data import load_datasets
-from ..errors import OndeviceLoraError
+from ..errors import OndeviceLoraError, user_errors
 from ..fact_check import FACTS_FILE, FactAnswer, ask, facts_table, read_facts
 from ..fast_blas import INSTALL_HINT
 from ..loading import load
@@ -277,13 +277,11 @@ def _print_summary(console: Console, q: QuickstartResult) -> None:
     default=None,
     help=f"A dataset folder with train.jsonl, valid.jsonl and {FACTS_FILE} [default: {DATASET}].",
 )
+@user_errors
 def quickstart_command(out, quick, steps, data):
     """Teach the built-in model about a fictional person, offline, and export it for iOS."""
     # On Linux the `ondevice-lora` group has already restarted the process with OpenBLAS
     # preloaded when it is installed (fast_blas); _warn_if_slow says so when it is not.
-    try:
-        # A package that does not match MLX raises CoreMLValidationError (an
-        # OndeviceLoraError): the command then fails with its figures.
-        run_quickstart(out, quick=quick, steps=steps, data=data, console=Console())
-    except OndeviceLoraError as e:
-        raise click.ClickException(str(e)) from None
+    # A package that does not match MLX raises CoreMLValidationError (an OndeviceLoraError):
+    # the command then fails with its figures.
+    run_quickstart(out, quick=quick, steps=steps, data=data, console=Console())
