@@ -245,7 +245,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", type=Path, help="keep models, data and logs here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="run the rows in turn N times")
-    parser.add_argument("--show", type=Path, help="print a saved results JSON; run nothing")
+    parser.add_argument(
+        "--show",
+        type=Path,
+        help="print a saved results JSON and update its comparison in place; train nothing",
+    )
     args = parser.parse_args(argv)
     if args.show:
         return show_saved(args.show)

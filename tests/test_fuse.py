@@ -152,16 +152,15 @@ def test_requantized_fuse_keeps_each_layers_own_format(folders, tmp_path):
     fuse(tmp_path / "mixed", [adapter], tmp_path / "fused")
     fused, _ = load(tmp_path / "fused")
     base, _ = load(tmp_path / "mixed")
-    formats = {
-        path: (m.group_size, m.bits) if isinstance(m, nn.QuantizedLinear) else type(m).__name__
-        for path, m in base.named_modules()
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding))
-    }
-    fused_formats = {
-        path: (m.group_size, m.bits) if isinstance(m, nn.QuantizedLinear) else type(m).__name__
-        for path, m in fused.named_modules()
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding))
-    }
+
+    def formats_of(model):
+        return {
+            path: (m.group_size, m.bits) if isinstance(m, nn.QuantizedLinear) else type(m).__name__
+            for path, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding))
+        }
+
+    formats, fused_formats = formats_of(base), formats_of(fused)
     assert fused_formats == formats and formats["model.layers.0.mlp.down_proj"] == (64, 8)
     theirs, _ = mlx_lm.load(str(tmp_path / "fused"))
     np.testing.assert_allclose(np.array(theirs(TOKENS)), np.array(fused(TOKENS)), atol=1e-4)

@@ -239,20 +239,21 @@ def validate_swappable(
     ValidationReport by name ("base (scale 0)" for the latter); raises CoreMLValidationError.
     """
     from .multifunction import adapter_loaded
-    from .validate import validate_package
+    from .validate import load_package, validate_package
 
+    loaded = load_package(package)  # read once for every adapter file
     reports = {}
     zero_scale = None
     for name, (folder, path) in adapters.items():
         inputs, _ = read_adapter_file(path)
         with adapter_loaded(model, folder):
             reports[name] = validate_package(
-                package, model, prompt_ids, decode_steps, extra_inputs=inputs
+                loaded, model, prompt_ids, decode_steps, extra_inputs=inputs
             )
         zero_scale = zero_scale or {**inputs, SCALE_INPUT: np.zeros(1, np.float16)}
     if zero_scale is None:
         zero_scale = base_inputs(read_swappable_package(package)[0])
     reports["base (scale 0)"] = validate_package(
-        package, model, prompt_ids, decode_steps, extra_inputs=zero_scale
+        loaded, model, prompt_ids, decode_steps, extra_inputs=zero_scale
     )
     return reports

@@ -312,9 +312,6 @@ def adapter_command(adapter, package, r_max, targets, out_path):
 
 def _validation_prompt(tokenizer, max_tokens: int) -> list[int]:
     """The validation text, in the model's chat template when it has one, cut to fit."""
-    if tokenizer.chat_template is not None:
-        messages = [{"role": "user", "content": VALIDATION_TEXT}]
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    else:
-        ids = tokenizer.encode(VALIDATION_TEXT)
-    return ids[:max_tokens]
+    from ondevice_lora.generate import encode_prompt
+
+    return encode_prompt(tokenizer, VALIDATION_TEXT)[:max_tokens]

@@ -74,12 +74,11 @@ from ondevice_lora.fingerprint import base_fingerprint
 from ondevice_lora.lora import adapter_modules
 
 from .build import PROJECTIONS, DecoderWeights, LinearWeights, QuantizedWeight, build_program
+from .mil_storage import DECODE_FUNCTION, METADATA_PREFIX, PREFILL_FUNCTION
 from .settings import convert_program, get_precision, quiet_progress
 from .weights import decoder_weights
 
 FORMAT_VERSION = "1"
-METADATA_PREFIX = "ondevice_lora."
-PREFILL_FUNCTION, DECODE_FUNCTION = "prefill", "decode"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 MODEL_CONFIG_FILE = "config.json"
 # Metadata keys (after METADATA_PREFIX) that the iOS app reads (examples/ios): in every package.

@@ -15,6 +15,11 @@ import numpy as np
 
 from ondevice_lora.errors import OndeviceLoraError
 
+# The package's function names and metadata key prefix: the exporter writes them, the
+# validator reads them.
+PREFILL_FUNCTION, DECODE_FUNCTION = "prefill", "decode"
+METADATA_PREFIX = "ondevice_lora."
+
 # MIL DataType enum (MIL.proto) -> (numpy dtype, bits per element for packed sub-byte types).
 _MIL_DTYPES = {
     1: (np.bool_, None),  # BOOL

@@ -238,16 +238,17 @@ def validate_multifunction(
     adapters: {name: folder} as the export named them (MultifunctionResult.adapters).
     Returns the ValidationReport of each name; raises CoreMLValidationError at the first failure.
     """
-    from .validate import validate_package
+    from .validate import load_package, validate_package
 
+    package = load_package(path)  # read once: every pair shares its base weights
     reports = {
         BASE_NAME: validate_package(
-            path, model, prompt_ids, decode_steps, functions=function_pair(BASE_NAME)
+            package, model, prompt_ids, decode_steps, functions=function_pair(BASE_NAME)
         )
     }
     for name, folder in adapters.items():
         with adapter_loaded(model, folder):
             reports[name] = validate_package(
-                path, model, prompt_ids, decode_steps, functions=function_pair(name)
+                package, model, prompt_ids, decode_steps, functions=function_pair(name)
             )
     return reports

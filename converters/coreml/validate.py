@@ -23,6 +23,7 @@ import numpy as np
 from ondevice_lora.errors import OndeviceLoraError
 
 from .mil_eval import MODES, MilPackage, load_package
+from .mil_storage import DECODE_FUNCTION, METADATA_PREFIX, PREFILL_FUNCTION
 
 # fp32 exports compute what MLX computes in fp32: only summation order differs.
 FP32_MAX_ABS = 1e-4
@@ -37,8 +38,6 @@ FP16_MAX_ABS_RELATIVE = 1e-2
 # 0.0018 at logits of 3.3, where fp16 stores both tokens as the same number).
 MIN_ARGMAX_AGREEMENT = 1.0
 FP16_TIE_RELATIVE = 2.0**-10
-PREFILL_FUNCTION, DECODE_FUNCTION = "prefill", "decode"
-METADATA_PREFIX = "ondevice_lora."
 
 
 class CoreMLValidationError(OndeviceLoraError):
@@ -329,7 +328,7 @@ def package_precision(package: MilPackage, function: str = DECODE_FUNCTION) -> s
 
 
 def validate_package(
-    package_path: str | Path,
+    package_path: str | Path | MilPackage,
     mlx_model,
     prompt_ids: list[int],
     decode_steps: int = 8,
@@ -355,11 +354,13 @@ def validate_package(
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise OndeviceLoraError("validate_package needs a non-empty prompt.")
-    package = load_package(package_path)
+    # A loaded package may be passed instead of a path: a package validated function pair by
+    # function pair is read, and its shared weights de-quantised, once.
+    package = package_path if isinstance(package_path, MilPackage) else load_package(package_path)
     missing = [f for f in functions if f not in package.functions]
     if missing:
         raise OndeviceLoraError(
-            f"{package_path}: no function {', '.join(missing)}; it has {', '.join(package.functions)}."
+            f"{package.path}: no function {', '.join(missing)}; it has {', '.join(package.functions)}."
         )
     context = package_context_length(package)
     if len(prompt_ids) + decode_steps > context:
@@ -375,7 +376,7 @@ def validate_package(
     tie_margin = tolerances.tie(logit_scale)
     runner = PackageRunner(package, functions, mode, extra_inputs)
     report = ValidationReport(
-        package=str(package_path),
+        package=str(package.path),
         functions=tuple(functions),
         precision=precision,
         mode=mode,
