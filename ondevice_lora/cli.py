@@ -33,14 +33,6 @@ class _Group(click.Group):
             # ClickException prints "Error: <message>" to stderr and exits with code 1.
             raise click.ClickException(str(e)) from None
 
-    def main(self, args=None, *rest, **kwargs):
-        # args is None when run as a program (the console script, python -m): on Linux, restart
-        # once with OpenBLAS preloaded (fast_blas.py). In-process callers (click's CliRunner)
-        # pass args and are never re-executed.
-        if args is None:
-            reexec_with_fast_blas()
-        return super().main(args, *rest, **kwargs)
-
 
 @click.group(cls=_Group)
 @click.version_option(package_name="ondevice-lora")
@@ -176,4 +168,6 @@ _register_commands()
 
 
 if __name__ == "__main__":
+    # As the console script (launch.py) does: on Linux, restart once with OpenBLAS preloaded.
+    reexec_with_fast_blas()
     main()

@@ -18,6 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .errors import OndeviceLoraError
+
 # The adapter's own tensors, by attribute name: every reader and writer of adapters uses these.
 ADAPTER_PARAMETER_NAMES = ("lora_a", "lora_b", "magnitude")
 
@@ -93,7 +95,10 @@ def fold_weight(
     """
     if not bool(mx.all(mx.isfinite(weight))):
         # As PEFT's safe_merge: a broken adapter must not silently poison the base.
-        raise ValueError("fusing this adapter gives non-finite weights; it is broken")
+        raise OndeviceLoraError(
+            "fusing this adapter gives non-finite weights (NaN or inf): the adapter is broken; "
+            "retrain it, or fuse an earlier checkpoint"
+        )
     if dtype is None:
         dtype = base.scales.dtype if isinstance(base, nn.QuantizedLinear) else base.weight.dtype
     in_dims, out_dims = linear_dims(base)

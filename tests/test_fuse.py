@@ -174,6 +174,28 @@ def test_fusing_nothing_is_a_clear_error(folders, tmp_path):
     assert not (tmp_path / "out").exists() and not any(tmp_path.iterdir())
 
 
+def test_a_broken_adapter_is_a_clear_error_and_writes_nothing(folders, tmp_path):
+    """An adapter whose weights hold a NaN (a diverged run) is refused, as PEFT's safe_merge
+    refuses it, with a message rather than a traceback, and no output folder appears."""
+    import shutil
+
+    from ondevice_lora.weights import read_safetensors
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["q4/a"], broken)
+    tensors = read_safetensors(broken / "adapters.safetensors")
+    name = next(k for k in tensors if k.endswith("lora_b"))
+    tensors[name] = mx.full(tensors[name].shape, float("nan"))
+    mx.save_safetensors(str(broken / "adapters.safetensors"), tensors)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        fuse_command, ["-m", str(folders["q4"]), "-a", str(broken), "-o", str(out)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "non-finite weights" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_an_adapter_for_another_architecture_is_refused(folders, tmp_path):
     write_hf_model(tmp_path / "qwen3", "qwen3")
     foreign = write_adapter(tmp_path / "qwen3", tmp_path / "foreign", CONFIGS["a"])

@@ -19,7 +19,7 @@ from ..data.packing import BATCHING
 from ..errors import OndeviceLoraError
 from .offline import offline
 from .step import masked_cross_entropy
-from .trained_positions import position_kwargs
+from .trained_positions import positions_for
 
 
 def evaluate_loss(
@@ -44,11 +44,12 @@ def evaluate_loss(
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0.0)
     batches = BATCHING[batching](examples, batch_size, max_length, shuffle=False, pad_id=pad_id)
+    positions = positions_for(loss_fn)
     try:
         for i, batch in enumerate(batches):
             if num_batches != -1 and i >= num_batches:
                 break
-            loss, n = loss_fn(model, *batch, **position_kwargs(loss_fn, batch))
+            loss, n = loss_fn(model, *batch, **positions(batch))
             total, ntoks = total + loss * n, ntoks + n
             mx.eval(total, ntoks)
     finally:

@@ -86,14 +86,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (
-            self.weights
-            + self.adapter
-            + self.optimizer
-            + self.gradients
-            + self.activations
-            + self.logits
-        )
+        return sum(size for _, size in self.items())
 
     def items(self) -> list[tuple[str, int]]:
         """(label, bytes) of every item, in table order."""

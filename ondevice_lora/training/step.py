@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from .trained_positions import cross_entropy_at, position_kwargs
+from .trained_positions import cross_entropy_at, positions_for
 
 
 def masked_cross_entropy(
@@ -91,10 +91,12 @@ def make_step(model: nn.Module, optimizer, loss_fn=masked_cross_entropy):
         optimizer.update(model, tree_map(lambda g: g / denominator, grads))
         return loss_sum / denominator, ntoks, None
 
+    # On CPU the trained positions are found on the host (a data-dependent shape, which a
+    # compiled graph cannot compute) and passed in: see trained_positions.py.
+    positions = positions_for(loss_fn)
+
     def step(batch, carry, apply):
-        # On CPU the trained positions are found on the host (a data-dependent shape, which a
-        # compiled graph cannot compute) and passed in: see trained_positions.py.
-        return compiled_step(batch, position_kwargs(loss_fn, batch), carry, apply)
+        return compiled_step(batch, positions(batch), carry, apply)
 
     return step
 

@@ -46,10 +46,13 @@ def enabled(loss_fn) -> bool:
     return takes and mx.default_device() == mx.cpu
 
 
-def position_kwargs(loss_fn, batch) -> dict:
-    """{"loss_positions": ...} for loss_fn(model, *batch, **kwargs) when enabled, else {}.
-    batch follows loss_fn's arguments, so batch[2] is the loss mask."""
-    return {KEYWORD: trained_positions(batch[2])} if enabled(loss_fn) else {}
+def positions_for(loss_fn):
+    """batch -> the keyword arguments of loss_fn(model, *batch, **kwargs): {"loss_positions":
+    ...} when enabled, else {}. Whether it is enabled is decided here, once per loop. batch
+    follows loss_fn's arguments, so batch[2] is the loss mask."""
+    if not enabled(loss_fn):
+        return lambda batch: {}
+    return lambda batch: {KEYWORD: trained_positions(batch[2])}
 
 
 def cross_entropy_at(
