@@ -238,10 +238,6 @@ def test_openblas_is_found_and_preloaded_by_reexec():
 
 
 @needs_openblas
-@pytest.mark.skipif(
-    fast_blas.fast_blas_active(),
-    reason="this session already runs every test with OpenBLAS preloaded (tests/conftest.py)",
-)
 def test_dequantized_path_with_openblas_matches():
     # The same comparison as above, in a process whose MLX matmuls go through OpenBLAS (a
     # different summation order from the quantised kernel's).
