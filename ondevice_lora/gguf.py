@@ -1,36 +1,33 @@
-"""Load llama-architecture GGUF files (llama.cpp's format) as our MLX models, still quantised.
+"""Load GGUF files (llama.cpp's format) as our MLX models, still quantised where MLX can hold it.
 
-MLX reads GGUF itself: Q4_0, Q4_1 and Q8_0 tensors arrive as MLX affine-quantised triples
-(`.weight` uint32 codes, `.scales`, `.biases`, 32 weights per group) and F32/F16 tensors as plain
-arrays. We rename the tensors to the Hub's names, undo the row order llama.cpp's converter gives
-the query and key projections, describe the model with a Hub-style config.json dict, and rebuild
-the tokenizer from the vocabulary stored in the file. Nothing is de-quantised.
+`gguf_reader` parses the file and decodes its blocks. Q4_0, Q4_1, Q4_K and Q8_0 tensors become
+MLX affine-quantised triples (`.weight` uint32 codes, `.scales`, `.biases`, 32 weights per
+group) with the same values; Q5_K and Q6_K are de-quantised (a note says which). We rename the
+tensors to the Hub's names, undo the row order llama.cpp's converter gives Llama's query and key
+projections, describe the model with a Hub-style config.json dict, and rebuild the tokenizer
+from the vocabulary stored in the file (byte-level BPE or SentencePiece).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
-import warnings
+import sys
 from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import tokenizers
-from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 
-from .errors import ModelLoadError, TokenizerError
+from .errors import ModelLoadError
+from .gguf_reader import GROUP_SIZE, KEPT_QUANTISED, GGUFFile, decode_affine, decode_float
+from .gguf_tokenizer import gguf_tokenizer
 from .loading import load_model_from_weights
-from .models.base import RoPE
-from .tokenizer import Tokenizer
-
-SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
-SUPPORTED_TOKENIZERS = ("gpt2",)
-GROUP_SIZE = 32  # every quantised GGUF block type MLX reads holds 32 weights
+from .models.base import RoPE, _llama3_periods
 
 # GGUF tensor names -> Hub names: per decoder block, then the tensors outside the blocks.
-_BLOCK_NAMES = {
+_LLAMA_BLOCK = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -41,44 +38,56 @@ _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-# llama.cpp's names (`tokenizer.ggml.pre`) for the byte-level BPE pre-tokenizers we rebuild.
-PRE_TOKENIZERS = {
-    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    # StarCoder's tokenizer, which SmolLM uses, gives every digit its own token.
-    "smollm": lambda: pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), PRE_TOKENIZERS["gpt-2"]()]
-    ),
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one llama.cpp architecture maps onto one of our model families."""
+
+    model_type: str
+    hf_class: str
+    block_names: dict
+    # llama.cpp's Llama converter interleaves Q/K rows for GGML's adjacent-pair rotation; the
+    # NEOX-rotation families (Qwen, Gemma, Phi-3) are stored in the Hub's order.
+    permuted_qk: bool = False
+    norm_offset: float = 0.0  # Gemma stores its (1 + w) norms as 1 + w: subtract to get w
+
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", "LlamaForCausalLM", _LLAMA_BLOCK, permuted_qk=True),
+    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCK),
+    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCK, **_QK_NORMS}),
 }
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def load_gguf(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
-    """Load a llama-architecture GGUF file; returns (model, tokenizer, config).
+    """Load a GGUF file; returns (model, tokenizer, config).
 
-    Quantised tensors (Q4_0, Q4_1, Q8_0) stay quantised: their layers become QuantizedLinear /
-    QuantizedEmbedding. `dtype` is the floating type of the scales, biases and unquantised
-    tensors (GGUF stores them as float16 or float32): float32 by default because MLX's CPU
-    backend computes in float32 and training is steadier in it; pass mx.float16 to save memory.
-    config is the Hub-style config.json dict the model was built from, with a `quantization`
-    entry in mlx-lm's format when any layer is quantised.
+    Q4_0, Q4_1, Q4_K and Q8_0 tensors stay quantised: their layers become QuantizedLinear /
+    QuantizedEmbedding. Q5_K and Q6_K tensors are de-quantised, with a note on stderr. `dtype` is
+    the floating type of the scales, biases and unquantised tensors: float32 by default, which
+    holds every GGUF block type's scales exactly and in which MLX's CPU backend computes; pass
+    mx.float16 to save memory. config is the Hub-style config.json dict the model was built
+    from, with a `quantization` entry in mlx-lm's format when any layer is quantised.
     """
     path = Path(path)
-    tensors, metadata = read_gguf(path)
+    gguf = GGUFFile(path)
+    metadata = gguf.metadata
     arch = metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise ModelLoadError(
             f"{path}: GGUF architecture {arch!r} is not supported. "
             f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}."
         )
-    if "rope_freqs.weight" in tensors:
-        raise ModelLoadError(
-            f"{path}: has per-frequency RoPE factors (rope_freqs, Llama 3.1-style long-context "
-            "scaling), which GGUF loading does not support yet. Load the Hugging Face checkpoint "
-            "instead."
-        )
+    gguf.check_types()
+    tensors = read_tensors(gguf)
+    rope_freqs = tensors.pop("rope_freqs.weight", None)
     config = gguf_config(metadata, tensors, path)
+    if rope_freqs is not None and not np.allclose(np.array(rope_freqs), 1.0):
+        config["rope_scaling"] = llama3_scaling_from_factors(np.array(rope_freqs), config, path)
     weights = {
         name: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
         for name, w in hub_weights(tensors, config, path).items()
@@ -91,38 +100,80 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
 
 
 def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
-    """(tensors, metadata) of a GGUF file; metadata numbers become Python ints, floats, lists."""
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such file.")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(
-            f"{path}: not a GGUF file (it does not start with the bytes 'GGUF'). "
-            "Pass a .gguf file written by llama.cpp, or a Hugging Face model folder."
+    """(tensors, metadata) of a GGUF file; metadata numbers are Python ints, floats, lists."""
+    gguf = GGUFFile(Path(path))
+    gguf.check_types()
+    return read_tensors(gguf), gguf.metadata
+
+
+def read_tensors(gguf: GGUFFile) -> dict[str, mx.array]:
+    """Every tensor as MLX arrays: kept-quantised ones as (weight, scales, biases) triples."""
+    tensors, dequantised = {}, Counter()
+    for name, t in gguf.tensors.items():
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if t.type_name in KEPT_QUANTISED and base is not None and len(t.shape) == 2:
+            codes, scales, biases, _ = decode_affine(t)
+            tensors[name] = mx.array(codes)
+            tensors[f"{base}.scales"] = mx.array(scales)
+            tensors[f"{base}.biases"] = mx.array(biases)
+            continue
+        if t.type_name not in ("F32", "F16", "BF16"):
+            dequantised[t.type_name] += 1
+        tensors[name] = mx.array(decode_float(t))
+    if dequantised:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(dequantised.items()))
+        print(
+            f"note: {gguf.path.name}: de-quantised {kinds} tensor(s) to floats: MLX's 4-bit "
+            "and 8-bit affine grid (groups of 32) cannot hold those blocks exactly (Q6_K "
+            "scales cover 16 weights; Q5_K is 5-bit). Those layers take more memory.",
+            file=sys.stderr,
         )
-    try:
-        tensors, metadata = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as e:  # MLX's messages do not name the file
-        raise ModelLoadError(
-            f"{path}: could not read the GGUF file: {e}. If it is complete, check that its "
-            f"tensors are of the types MLX reads: {', '.join(SUPPORTED_TENSOR_TYPES)}."
-        ) from None
-    return tensors, {k: _python_value(v) for k, v in metadata.items()}
+    return tensors
 
 
-def _python_value(value):
-    if not isinstance(value, mx.array):
-        return value  # strings and lists of strings
-    if value.dtype == mx.float32 and value.ndim == 0:
-        # The shortest text that reads back as the same float32: 1e-05, not 9.99999974e-06.
-        return float(str(np.float32(value.item())))
-    return value.tolist()
+def llama3_scaling_from_factors(factors: np.ndarray, config: dict, source) -> dict:
+    """The Hub's llama3 `rope_scaling` that gives llama.cpp's per-frequency `rope_freqs`.
+
+    llama.cpp's converter stores Llama 3.1's scaling as one divisor per rotated pair. Between
+    the two wavelength thresholds the divisor's inverse is linear in 1/wavelength, so only two
+    combinations of (original context, low and high frequency factors) matter; Meta's own values
+    (low 1, high 4, original context 8192) are tried first, else they are solved from the band.
+    """
+    dims, theta = config["head_dim"], config["rope_theta"]
+    inv_freq = 1.0 / theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    factor = float(factors.max())
+    candidates = [(1.0, 4.0, 8192)]
+    wavelength = 2 * math.pi / inv_freq
+    band = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
+    if band.sum() >= 2:
+        # 1/f = (1 - s)/factor + s with s = old / (wl (high - low)) - low / (high - low).
+        s = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelength[band], s, 1)
+        # With low = 1: intercept = -1 / (high - 1), slope = old / (high - 1).
+        high = 1 - 1 / intercept
+        candidates.append((1.0, float(high), float(slope * (high - 1))))
+    for low, high, old in candidates:
+        scaling = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": old,
+        }
+        periods = np.array(_llama3_periods(dims, theta, scaling), dtype=np.float64)
+        if np.allclose(periods * inv_freq, factors, rtol=1e-5):
+            return scaling
+    raise ModelLoadError(
+        f"{source}: its rope_freqs tensor (per-frequency RoPE divisors, {factors.round(3)}) is "
+        "not Llama 3.1-style frequency scaling, the only kind this loader maps. Load the "
+        "Hugging Face checkpoint instead."
+    )
 
 
 def gguf_config(metadata: dict, tensors: dict[str, mx.array], source="GGUF") -> dict:
-    """A Hub-style llama config.json dict from llama.cpp's `llama.*` metadata keys."""
+    """A Hub-style config.json dict from llama.cpp's `<architecture>.*` metadata keys."""
     arch = metadata["general.architecture"]
+    family = ARCHITECTURES[arch]
 
     def get(key, default=None):
         return metadata.get(f"{arch}.{key}", default)
@@ -135,8 +186,8 @@ def gguf_config(metadata: dict, tensors: dict[str, mx.array], source="GGUF") -> 
     )
     head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
     config = {
-        "model_type": arch,
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": family.model_type,
+        "architectures": [family.hf_class],
         "hidden_size": hidden,
         "num_hidden_layers": get("block_count"),
         "intermediate_size": get("feed_forward_length"),
@@ -185,22 +236,27 @@ def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
 
 def hub_weights(tensors: dict[str, mx.array], config: dict, source) -> dict[str, mx.array]:
     """Rename GGUF tensors to Hub parameter names and restore the Hub's Q/K row order."""
+    family = ARCHITECTURES[config["model_type"]]
     weights = {}
     for name, w in tensors.items():
         parts = name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK_NAMES:
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in family.block_names:
             layer, kind, suffix = parts[1], parts[2], parts[3]
-            if kind in ("attn_q", "attn_k"):
+            if family.permuted_qk and kind in ("attn_q", "attn_k"):
                 key = "num_attention_heads" if kind == "attn_q" else "num_key_value_heads"
                 w = _unpermute_rows(w, config[key])
-            weights[f"model.layers.{layer}.{_BLOCK_NAMES[kind]}.{suffix}"] = w
+            hub = f"model.layers.{layer}.{family.block_names[kind]}.{suffix}"
         elif len(parts) == 2 and parts[0] in _TOP_NAMES:
-            weights[f"{_TOP_NAMES[parts[0]]}.{parts[1]}"] = w
+            hub = f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
         else:
             raise ModelLoadError(
-                f"{source}: unexpected tensor {name!r} {tuple(w.shape)} for a llama model; "
-                "the file may use a variant of the architecture this loader does not know."
+                f"{source}: unexpected tensor {name!r} {tuple(w.shape)} for a "
+                f"{config['model_type']} model; the file may use a variant of the architecture "
+                "this loader does not know."
             )
+        if family.norm_offset and hub.endswith("norm.weight"):
+            w = w - family.norm_offset
+        weights[hub] = w
     return weights
 
 
@@ -226,80 +282,3 @@ def quantization_config(weights: dict[str, mx.array]) -> dict | None:
         if name.endswith(".weight") and w.ndim == 2 and layer not in bits:
             quant[layer] = False
     return quant
-
-
-def gguf_tokenizer(metadata: dict, source) -> Tokenizer:
-    """Rebuild the tokenizer stored in GGUF metadata as a `tokenizers` byte-level BPE.
-
-    Supports llama.cpp's "gpt2" tokenizer model (byte-level BPE: GPT-2, SmolLM, StarCoder).
-    The pre-tokenizer follows `tokenizer.ggml.pre`: "smollm" and "gpt-2" are rebuilt exactly;
-    any other value falls back to plain GPT-2 ByteLevel splitting (with a warning), which
-    matches most English text but may split digits, long numbers or contractions differently
-    from the original tokenizer.
-    """
-    kind = metadata.get("tokenizer.ggml.model")
-    if kind not in SUPPORTED_TOKENIZERS:
-        raise TokenizerError(
-            f"{source}: tokenizer model {kind!r} is not supported for GGUF files. Supported: "
-            f"{', '.join(SUPPORTED_TOKENIZERS)} (byte-level BPE). For SentencePiece models "
-            "('llama') load the Hugging Face folder, which has tokenizer.json."
-        )
-    tokens = metadata["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    vocab = {t: i for i, t in enumerate(tokens)}
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, fuse_unk=False))
-    pre = metadata.get("tokenizer.ggml.pre")
-    if pre not in PRE_TOKENIZERS:
-        warnings.warn(
-            f"{source}: pre-tokenizer {pre!r} is not known here; splitting text as GPT-2 does, "
-            "which can give different token ids than the original tokenizer for some text.",
-            stacklevel=2,
-        )
-    backend.pre_tokenizer = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["gpt-2"])()
-    backend.decoder = decoders.ByteLevel()
-    # Control tokens (type 3) are special; user-defined ones (type 4) match as plain added text.
-    # Both keep their ids because each is already in the vocabulary.
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
-    )
-    backend.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4]
-    )
-
-    def token(key):
-        i = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    special = {f"{k}_token": token(k) for k in ("bos", "eos", "padding", "unknown")}
-    special["pad_token"] = special.pop("padding_token")
-    special["unk_token"] = special.pop("unknown_token")
-    backend.post_processor = _post_processor(metadata, special, vocab)
-    eos_ids = [vocab[special["eos_token"]]] if special["eos_token"] else []
-    eot = metadata.get("tokenizer.ggml.eot_token_id")
-    if eot is not None and eot not in eos_ids:
-        eos_ids.append(eot)
-    config = {"clean_up_tokenization_spaces": False}
-    return Tokenizer(backend, special, metadata.get("tokenizer.chat_template"), eos_ids, config)
-
-
-def _post_processor(metadata: dict, special: dict, vocab: dict):
-    """BOS/EOS around encoded text as the file's add_bos_token / add_eos_token ask."""
-    wanted = {
-        k: special[f"{k}_token"]
-        for k in ("bos", "eos")
-        if metadata.get(f"tokenizer.ggml.add_{k}_token") and special[f"{k}_token"]
-    }
-    if not wanted:
-        # Byte-level post-processing only fixes offsets; the ids are those of the pre-tokenizer.
-        return processors.ByteLevel(trim_offsets=False)
-
-    def sequence(text: str, type_id: int) -> str:
-        parts = [wanted.get("bos"), text, wanted.get("eos")]
-        return " ".join(f"{p}:{type_id}" for p in parts if p)
-
-    return processors.TemplateProcessing(
-        single=sequence("$A", 0),
-        pair=f"{sequence('$A', 0)} {sequence('$B', 1)}",
-        special_tokens=[(t, vocab[t]) for t in dict.fromkeys(wanted.values())],
-    )

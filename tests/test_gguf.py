@@ -36,6 +36,8 @@ HF_TO_GGUF = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -90,17 +92,26 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder, pre="gpt-2", model="gpt2"):
 
 
 def write_gguf(
-    path, hf_model, tokenizer_folder, qtype=Q.F32, types=None, tokenizer_model="gpt2", extra=None
+    path,
+    hf_model,
+    tokenizer_folder,
+    qtype=Q.F32,
+    types=None,
+    tokenizer_model="gpt2",
+    extra=None,
+    arch="llama",
+    pre="gpt-2",
 ):
     """Write `hf_model` as llama.cpp would; returns the transformers model with every weight
     replaced by what the file holds after de-quantisation (the reference for quantised files).
 
     types: per-GGUF-tensor-name overrides of `qtype`. 1-D tensors are always F32, as llama.cpp
-    stores them. extra: a function of the writer that adds metadata or tensors.
+    stores them. extra: a function of the writer that adds metadata or tensors. arch: llama.cpp's
+    architecture name; only "llama" has its Q/K rows interleaved.
     """
     cfg = hf_model.config
-    head_dim = cfg.head_dim
-    writer = gguf.GGUFWriter(str(path), "llama")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -114,7 +125,7 @@ def write_gguf(
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
-    add_tokenizer(writer, tokenizer_folder, model=tokenizer_model)
+    add_tokenizer(writer, tokenizer_folder, pre=pre, model=tokenizer_model)
     if extra is not None:
         extra(writer)  # more metadata or tensors, written before the model's own
 
@@ -130,7 +141,9 @@ def write_gguf(
             # below gives the same values: the reference stays in the Hub's row order.
             w = dequantize(quantize(w, kind), kind).reshape(w.shape)
         reference[name] = torch.from_numpy(w.copy())
-        if ".q_proj." in name:
+        if arch != "llama":
+            pass
+        elif ".q_proj." in name:
             w = llama_cpp_permute(w, cfg.num_attention_heads)
         elif ".k_proj." in name:
             w = llama_cpp_permute(w, cfg.num_key_value_heads)
@@ -259,8 +272,8 @@ def test_unsupported_rope_scaling_is_refused(tmp_path, tokenizer_folder):
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(4.0)
 
-    def factors(writer):  # what llama.cpp writes for Llama 3.1's frequency-dependent scaling
-        writer.add_tensor("rope_freqs.weight", np.ones(8, np.float32))
+    def factors(writer):  # per-frequency divisors that are not Llama 3.1's shape
+        writer.add_tensor("rope_freqs.weight", np.array([1, 3, 1, 2, 5, 1, 4, 2], np.float32))
 
     for extra, message in [(yarn, "'yarn' is not supported"), (factors, "rope_freqs")]:
         path = tmp_path / f"{extra.__name__}.gguf"
@@ -397,9 +410,9 @@ def test_non_gguf_file_is_refused(tmp_path):
     assert str(path) in str(error.value)
 
 
-def test_sentencepiece_tokenizer_is_refused(tmp_path, tokenizer_folder):
+def test_unknown_tokenizer_model_is_refused(tmp_path, tokenizer_folder):
     path = tmp_path / "model.gguf"
-    write_gguf(path, make_hf_model("llama"), tokenizer_folder, tokenizer_model="llama")
-    with pytest.raises(TokenizerError, match="'llama' is not supported") as error:
+    write_gguf(path, make_hf_model("llama"), tokenizer_folder, tokenizer_model="bert")
+    with pytest.raises(TokenizerError, match="'bert' is not supported") as error:
         load_gguf(path)
-    assert str(path) in str(error.value) and "gpt2" in str(error.value)
+    assert str(path) in str(error.value) and "gpt2, llama" in str(error.value)

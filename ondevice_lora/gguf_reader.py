@@ -1,0 +1,283 @@
+"""Read GGUF files (llama.cpp's format) with numpy: metadata, tensor table and block decoders.
+
+MLX's own reader takes only Q4_0/Q4_1/Q8_0/F16/F32, but most on-device downloads are K-quants
+(Q4_K_M mixes Q4_K with Q6_K). We parse the file ourselves (memory-mapped, nothing is copied
+until a tensor is decoded) and turn each tensor into either
+
+- an MLX affine-quantised triple (codes packed in uint32, scales, biases; 32 weights per group)
+  when MLX's grid `w = scale * q + bias` represents the block exactly: Q4_0, Q4_1, Q4_K (4-bit)
+  and Q8_0 (8-bit), or
+- a de-quantised float array when it does not: Q5_K and Q6_K (Q6_K's scales cover 16 weights,
+  finer than MLX's smallest group of 32; Q5_K's 5-bit codes are exact in MLX's grid too, but
+  our converters and fused exports handle only 4- and 8-bit layers).
+
+Layouts are ggml's (ggml-common.h): a tensor's first dimension (ne[0]) is the contiguous one, so
+a GGUF shape (in, out) is the Hub's (out, in).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+GROUP_SIZE = 32  # MLX group size for every type kept quantised
+QK_K = 256  # weights per K-quant super-block
+
+# ggml's type ids (ggml.h, enum ggml_type) -> names.
+TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+    30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}  # fmt: skip
+# (weights per block, bytes per block) of the types we decode.
+BLOCKS = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20),
+    "Q8_0": (32, 34), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}  # fmt: skip
+SUPPORTED_TYPES = tuple(BLOCKS)
+KEPT_QUANTISED = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q8_0": 8}  # type -> MLX bits
+
+# GGUF metadata value types -> struct formats (strings and arrays are handled apart).
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # the Hub's order: (rows, columns) for a matrix
+    type_name: str
+    data: np.ndarray  # the raw bytes of the tensor (uint8), a view of the memory map
+
+
+class GGUFFile:
+    """The metadata and tensor table of a GGUF file; tensor data stays memory-mapped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such file.")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelLoadError(
+                    f"{path}: not a GGUF file (it does not start with the bytes 'GGUF'). "
+                    "Pass a .gguf file written by llama.cpp, or a Hugging Face model folder."
+                )
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._pos = 4
+        try:
+            self._parse()
+        except (struct.error, UnicodeDecodeError, ValueError, IndexError) as e:
+            raise ModelLoadError(
+                f"{path}: could not read the GGUF file ({e}); it may be truncated or damaged. "
+                "Download it again."
+            ) from None
+
+    def _read(self, fmt: str):
+        values = struct.unpack_from("<" + fmt, self._map, self._pos)
+        self._pos += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def _string(self) -> str:
+        n = self._read("Q")
+        if self._pos + n > len(self._map):
+            raise ValueError("a string runs past the end of the file")
+        text = self._map[self._pos : self._pos + n].decode("utf-8")
+        self._pos += n
+        return text
+
+    def _value(self, kind: int):
+        if kind == _STRING:
+            return self._string()
+        if kind == _ARRAY:
+            item_kind, count = self._read("IQ")
+            if item_kind in _SCALARS and item_kind != 7:
+                # Numeric arrays (token scores and types: one per vocabulary entry) in one go.
+                fmt = _SCALARS[item_kind]
+                values = np.frombuffer(self._map, "<" + fmt, count, self._pos)
+                self._pos += values.nbytes
+                return values.tolist()
+            return [self._value(item_kind) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        value = self._read(_SCALARS[kind])
+        if kind == 6:  # float32: the shortest text that reads back the same (1e-05)
+            value = float(str(np.float32(value)))
+        return value
+
+    def _parse(self) -> None:
+        version = self._read("I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version}; this reader knows versions 2 and 3")
+        n_tensors, n_metadata = self._read("QQ")
+        self.metadata = {}
+        for _ in range(n_metadata):
+            key = self._string()
+            self.metadata[key] = self._value(self._read("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._read("Q") for _ in range(self._read("I"))]
+            kind, offset = self._read("IQ")
+            infos.append((name, tuple(reversed(dims)), kind, offset))
+        alignment = self.metadata.get("general.alignment", 32)
+        start = -(-self._pos // alignment) * alignment
+        self.tensors = {}
+        for name, shape, kind, offset in infos:
+            type_name = TYPE_NAMES.get(kind, f"type {kind}")
+            count = int(np.prod(shape))
+            per_block, block_bytes = BLOCKS.get(type_name, (1, 0))
+            size = count // per_block * block_bytes
+            if start + offset + size > len(self._map):
+                raise ValueError(f"tensor {name!r} runs past the end of the file")
+            data = np.frombuffer(self._map, np.uint8, size, start + offset)
+            self.tensors[name] = TensorInfo(name, shape, type_name, data)
+
+    def check_types(self) -> None:
+        """Refuse, naming each, tensors of types we do not decode (Q2_K, Q3_K, i-quants...)."""
+        unknown = [t for t in self.tensors.values() if t.type_name not in BLOCKS]
+        if unknown:
+            listed = ", ".join(f"{t.name} ({t.type_name})" for t in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            iquant = any(t.type_name.startswith(("IQ", "TQ")) for t in unknown)
+            hint = " i-quants and ternary types are not read;" if iquant else ""
+            raise ModelLoadError(
+                f"{self.path}: holds tensors of types this loader does not read: {listed}{more}."
+                f"{hint} supported types: {', '.join(SUPPORTED_TYPES)}. Use a file quantised "
+                "as Q4_K_M, Q4_0 or Q8_0 (or F16), or the Hugging Face checkpoint."
+            )
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """(n, 2) bytes -> (n,) float32 of the little-endian float16 they hold."""
+    return np.ascontiguousarray(raw).view("<f2").reshape(raw.shape[0]).astype(np.float32)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(rows, columns) codes -> MLX's packing: uint32 words, code i at bits (i % per) * bits."""
+    codes = codes.astype(np.uint8)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return np.ascontiguousarray(codes).view("<u4")
+
+
+def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins per super-block.
+
+    Bytes 0-3 hold scales 0-3 in their low six bits, bytes 4-7 the mins 0-3; bytes 8-11 hold
+    the low four bits of scales 4-7 (low nibble) and mins 4-7 (high nibble), whose top two bits
+    are the spare top bits of bytes 0-3 and 4-7.
+    """
+    low, high, rest = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([low & 63, (rest & 15) | ((low >> 6) << 4)], axis=1)
+    mins = np.concatenate([high & 63, (rest >> 4) | ((high >> 6) << 4)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _q4_k_codes(qs: np.ndarray) -> np.ndarray:
+    """(n, 128) bytes -> (n, 256) codes: each 32 bytes give 32 low nibbles then 32 high ones."""
+    qs = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([qs & 15, qs >> 4], axis=2).reshape(-1, QK_K)
+
+
+def decode_affine(t: TensorInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A kept-quantised tensor as MLX's (codes uint32, scales, biases, bits), in the Hub's shape;
+    scales and biases are float32 (exact: each is a float16 times a small integer)."""
+    rows, columns = t.shape[0], int(np.prod(t.shape[1:]))
+    per_block, block_bytes = BLOCKS[t.type_name]
+    blocks = t.data.reshape(-1, block_bytes)
+    if t.type_name in ("Q4_0", "Q4_1"):
+        d = _f16(blocks[:, 0:2])
+        if t.type_name == "Q4_0":  # w = d * (q - 8)
+            qs, bias = blocks[:, 2:], -8.0 * d
+        else:  # w = d * q + m
+            qs, bias = blocks[:, 4:], _f16(blocks[:, 2:4])
+        # Weights 0-15 are the low nibbles of the 16 bytes, 16-31 the high ones.
+        codes = np.concatenate([qs & 15, qs >> 4], axis=1)
+        scales, biases = d, bias
+    elif t.type_name == "Q8_0":  # w = d * q, q signed: codes q + 128, bias -128 d
+        d = _f16(blocks[:, 0:2])
+        codes = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        scales, biases = d, -128.0 * d
+    elif t.type_name == "Q4_K":  # 8 groups of 32: w = d * scale_j * q - dmin * min_j
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+        sc, mn = _k_scales_mins(blocks[:, 4:16])
+        codes = _q4_k_codes(blocks[:, 16:])
+        scales, biases = d[:, None] * sc, -(dmin[:, None] * mn)
+    else:
+        raise AssertionError(t.type_name)
+    bits = KEPT_QUANTISED[t.type_name]
+    groups = columns // GROUP_SIZE
+    codes = _pack(codes.reshape(rows, columns), bits)
+    return (
+        codes,
+        scales.astype(np.float32).reshape(rows, groups),
+        biases.astype(np.float32).reshape(rows, groups),
+        bits,
+    )
+
+
+def decode_float(t: TensorInfo) -> np.ndarray:
+    """Any supported tensor de-quantised to float32, in the Hub's shape."""
+    name = t.type_name
+    if name == "F32":
+        return t.data.view("<f4").reshape(t.shape)
+    if name == "F16":
+        return t.data.view("<f2").astype(np.float32).reshape(t.shape)
+    if name == "BF16":
+        return (t.data.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+    if name in KEPT_QUANTISED:
+        codes, scales, biases, bits = decode_affine(t)
+        rows = codes.shape[0]
+        per_word = 32 // bits
+        shifts = np.arange(per_word, dtype=np.uint32) * bits
+        q = ((codes[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(rows, -1, GROUP_SIZE)
+        w = q.astype(np.float32) * scales[:, :, None] + biases[:, :, None]
+        return w.reshape(t.shape)
+    blocks = t.data.reshape(-1, BLOCKS[name][1])
+    if name == "Q5_K":  # Q4_K's layout plus a fifth bit: bit j of qh[l] for weight l of group j
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+        sc, mn = _k_scales_mins(blocks[:, 4:16])
+        qh = blocks[:, 16:48]  # (n, 32)
+        high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, 8, 32)
+        q = _q4_k_codes(blocks[:, 48:]).reshape(-1, 8, 32) | (high << 4)
+        w = q * (d[:, None] * sc)[:, :, None] - (dmin[:, None] * mn)[:, :, None]
+    elif name == "Q6_K":  # 16 groups of 16, signed 6-bit codes with int8 scales
+        ql, qh = blocks[:, 0:128], blocks[:, 128:192]
+        sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
+        d = _f16(blocks[:, 208:210])
+        # Each half (128 weights) takes 64 bytes of ql and 32 of qh. Its 4 runs of 32 weights:
+        # run k's low four bits are nibble k // 2 of ql bytes (k % 2) * 32 .. + 31, its top
+        # two bits are bits 2k, 2k+1 of the 32 qh bytes.
+        ql = ql.reshape(-1, 2, 2, 32)  # (n, half, k % 2, 32)
+        low = np.stack([ql & 15, ql >> 4], axis=2).reshape(-1, 2, 4, 32)  # run k = 2*nib + k%2
+        shifts = (np.arange(4, dtype=np.uint8) * 2)[None, None, :, None]
+        top = (qh.reshape(-1, 2, 1, 32) >> shifts) & 3  # (n, half, 4, 32)
+        q = (low | (top << 4)).astype(np.float32) - 32
+        w = q.reshape(-1, 16, 16) * (d[:, None] * sc)[:, :, None]
+    else:
+        raise AssertionError(name)
+    return w.astype(np.float32).reshape(t.shape)
