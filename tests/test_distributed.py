@@ -7,6 +7,7 @@ Each run is real: `ondevice-lora train` processes talking over loopback sockets.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -100,3 +101,15 @@ def test_batch_must_split_evenly_over_the_workers():
     with pytest.raises(OndeviceLoraError, match="workers or hostfile, not both"):
         TrainConfig(data="d", workers=2, hostfile="hosts.json").validate()
     TrainConfig(data="d", batch_size=8, workers=4).validate()
+
+
+@pytest.mark.slow
+def test_hostfile_runs_through_mlx_launch(inputs, single, tmp_path):  # noqa: F811
+    """--hostfile hands the run to mlx.launch; hosts named 127.0.0.1 run without ssh."""
+    hostfile = tmp_path / "hosts.json"
+    hosts = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2
+    hostfile.write_text(json.dumps(hosts))
+    out = tmp_path / "adapter"
+    done = run(train_args(inputs, out, "--hostfile", str(hostfile)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert max_difference(adapter(out), adapter(single)) <= TOLERANCE
