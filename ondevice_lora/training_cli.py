@@ -9,8 +9,13 @@ TrainConfig. Registered on the main group by cli.py as `train_command` and `eval
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
 
 import click
+import yaml
 
 from .errors import user_errors
 from .training.config import TrainConfig
@@ -80,10 +85,23 @@ def config_from_flags(config_file, flags: dict) -> TrainConfig:
 @_train_options
 @user_errors
 def train_command(config_file, **flags):
-    """Train a LoRA adapter on your data, offline; resumable with --resume."""
+    """Train a LoRA adapter on your data, offline; resumable with --resume.
+
+    With --workers N, N processes on this machine each train on 1/N of every batch (MLX's ring
+    backend on 127.0.0.1); with --hostfile, the machines it lists do (through mlx.launch).
+    """
+    from .training import distributed
     from .training.api import train_from_config
 
-    result = train_from_config(config_from_flags(config_file, flags))
+    config = config_from_flags(config_file, flags)
+    if not distributed.launched() and (config.workers > 1 or config.hostfile):
+        config.validate()
+        _train_distributed(config)
+        return
+    rank = int(os.environ.get("MLX_RANK", "0")) if distributed.launched() else 0
+    result = train_from_config(config, show_progress=rank == 0)
+    if rank != 0:
+        return
     click.echo(f"adapter: {result.adapter_path}")
     click.echo(f"steps: {result.steps}, trained tokens: {result.trained_tokens}")
     if result.losses:
@@ -95,6 +113,25 @@ def train_command(config_file, **flags):
     click.echo(f"metrics: {result.metrics_path}")
     if result.plot_path is not None:
         click.echo(f"loss curve: {result.plot_path}")
+
+
+def _train_distributed(config: TrainConfig) -> None:
+    """Start the ranks of a distributed run and wait for them (rank 0 prints the results)."""
+    from .training import distributed
+
+    if config.hostfile:
+        # Every machine reads the same command line; paths must exist on each of them.
+        distributed.run_hostfile(sys.argv[1:], config.hostfile)
+        return
+    # Local ranks get the settings as one file, so they train on exactly this TrainConfig.
+    with tempfile.TemporaryDirectory(prefix="ondevice-lora-train-") as folder:
+        settings = Path(folder) / "train.yaml"
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in config.to_dict().items()}
+        settings.write_text(yaml.safe_dump(data))
+        click.echo(f"training with {config.workers} workers on 127.0.0.1", err=True)
+        distributed.run_local_workers(
+            ["train", "--config", str(settings)], config.workers, config.adapter_path
+        )
 
 
 _EVAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}

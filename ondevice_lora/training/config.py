@@ -126,6 +126,11 @@ class TrainConfig:
     seed: int = _help("Seed for initialisation, data order, validation split and dropout.", 0)
     resume: bool = _help("Continue from the latest checkpoint in adapter_path.", False)
     offline_guard: bool = _help("Refuse every network connection while training.", True)
+    # Distributed (data parallel): the global batch_size is split over the ranks.
+    workers: int = _help("Processes on this machine, each training on its share of a batch.", 1)
+    hostfile: str | None = _help(
+        "mlx.launch hostfile (JSON) of machines to train on together (ring backend).", None
+    )
 
     # --- derived settings ---------------------------------------------------------------------
 
@@ -219,6 +224,14 @@ class TrainConfig:
             "an integer >= 1, or -1 for all",
         )
         check("seed", _int(self.seed) and self.seed >= 0, "an integer >= 0")
+        check("workers", _int(self.workers) and self.workers >= 1, "an integer >= 1")
+        if _int(self.workers) and _int(self.batch_size) and self.batch_size % self.workers:
+            problems.append(
+                ("workers", f"batch_size ({self.batch_size}) must be a multiple of workers "
+                 f"({self.workers}): each worker trains on an equal share of every batch")
+            )  # fmt: skip
+        if self.hostfile is not None and self.workers != 1:
+            problems.append(("hostfile", "give workers or hostfile, not both"))
         for key in ("grad_checkpoint", "keep_best", "resume", "offline_guard"):
             check(key, isinstance(getattr(self, key), bool), "true or false")
         return problems

@@ -36,11 +36,15 @@ class MetricsWriter:
     """Appends records to metrics.jsonl, each line flushed as it is written.
 
     resume_step: on resume, records after this step (written by the interrupted run after its
-    last checkpoint) are dropped first, since the resumed run writes them again.
+    last checkpoint) are dropped first, since the resumed run writes them again. enabled=False
+    writes nothing (the ranks of a distributed run other than rank 0).
     """
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled=True):
         self.path = Path(path)
+        self._file = None
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -50,11 +54,13 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self):
         return self

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from .distributed import all_sum
 from .trained_positions import cross_entropy_at, positions_for
 
 
@@ -60,7 +61,7 @@ def step_seed(seed: int, step: int, micro: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def make_step(model: nn.Module, optimizer, loss_fn=masked_cross_entropy):
+def make_step(model: nn.Module, optimizer, loss_fn=masked_cross_entropy, group=None):
     """A compiled step(batch, carry, apply) -> (loss, ntoks, carry).
 
     batch: a tuple of arrays, loss_fn's arguments after the model: (inputs, targets,
@@ -71,6 +72,8 @@ def make_step(model: nn.Module, optimizer, loss_fn=masked_cross_entropy):
     batches. carry: None, or what the previous micro-batch of this step returned. apply: True
     on the last micro-batch: the optimiser updates the model and carry comes back None; the
     loss returned is then the step's mean. Otherwise the loss returned is a running token sum.
+    group: a distributed group (distributed.init_group); on the last micro-batch the gradient,
+    loss and token sums are summed over its ranks, so each rank divides by the global count.
     """
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
@@ -87,6 +90,8 @@ def make_step(model: nn.Module, optimizer, loss_fn=masked_cross_entropy):
             loss_sum, ntoks = loss_sum + prev_loss, ntoks + prev_ntoks
         if not apply:
             return loss_sum, ntoks, (grads, loss_sum, ntoks)
+        if group is not None:
+            grads, loss_sum, ntoks = all_sum((grads, loss_sum, ntoks), group)
         denominator = mx.maximum(ntoks, 1.0)
         optimizer.update(model, tree_map(lambda g: g / denominator, grads))
         return loss_sum / denominator, ntoks, None

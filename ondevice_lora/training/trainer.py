@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .distributed import init_group, shard
 from .evaluate import evaluate_loss, perplexity
 from .memory import batch_extent, estimate_memory, memory_limits
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsWriter, plot_losses, read_metrics
@@ -51,7 +53,7 @@ LAST_ADAPTER_DIR = "last"  # with keep_best, the adapter of the final step goes 
 RESUMABLE_CHANGES = {
     "resume", "offline_guard", "eval_every", "eval_batches", "save_every", "keep_best",
     "early_stopping_patience", "iters", "epochs", "model", "data", "cache_limit_gb",
-    "memory_limit_gb",
+    "memory_limit_gb", "workers", "hostfile",
 }  # fmt: skip
 
 
@@ -119,6 +121,10 @@ def train(
     config.validate(require_data=False)
     started = time.perf_counter()
     out = Path(config.adapter_path)
+    group = init_group()
+    # Rank 0 alone writes files and shows progress; every rank computes the same numbers.
+    writer = group.rank() == 0
+    show_progress = show_progress and writer
     batch_iterator = batch_iterator or BATCHING[config.batching]
     with (
         offline(config.offline_guard),
@@ -161,7 +167,7 @@ def train(
             c.on_train_begin({**info, "memory_estimate": estimate})
 
         with (
-            MetricsWriter(out / METRICS_FILE, resume_step=resumed_from) as metrics,
+            MetricsWriter(out / METRICS_FILE, resume_step=resumed_from, enabled=writer) as metrics,
             gradient_checkpointing(model, config.grad_checkpoint),
             # Linux CPU with a fast BLAS: quantised layers de-quantise before large matmuls.
             dequantized_matmuls(model),
@@ -180,7 +186,7 @@ def train(
                     model, valid_examples, config.batch_size, config.max_length,
                     config.eval_batches, pad, loss_fn, config.batching,
                 )[0]  # fmt: skip
-                if _record_validation(state, step, loss) and config.keep_best:
+                if _record_validation(state, step, loss) and config.keep_best and writer:
                     save_adapter(out, model, config.lora_config(), fingerprint)
                 record = {"step": step, "val_loss": loss, "val_perplexity": perplexity(loss)}
                 metrics.write(record)
@@ -190,10 +196,10 @@ def train(
 
             if valid_examples is not None and not state.val_losses:
                 validate(0)
-            step_fn = make_step(model, optimizer, loss_fn)
+            step_fn = make_step(model, optimizer, loss_fn, group)
             model.train()
             while state.step < total and not _should_stop(state, config):
-                record = _train_step(step_fn, model, optimizer, batches, state, config)
+                record = _train_step(step_fn, model, optimizer, batches, state, config, group)
                 metrics.write(record)
                 ui.update(
                     state.step, record["loss"], record["learning_rate"],
@@ -205,19 +211,22 @@ def train(
                 if valid_examples is not None and (last or _every(state.step, config.eval_every)):
                     validate(state.step)
                 stopping = _should_stop(state, config)
-                if last or stopping or _every(state.step, config.save_every):
+                if writer and (last or stopping or _every(state.step, config.save_every)):
                     state.data_position = batches.state
                     state.rng_key = mx.random.state[0].tolist()
                     path = save_checkpoint(out, state, adapter_tensors(model), optimizer.state)
                     for c in callbacks:
                         c.on_checkpoint(state.step, path)
+                _fail_for_tests(group, state.step)
                 if stopping:
                     ui.log(
                         f"early stop at step {state.step}: no improvement in "
                         f"{config.early_stopping_patience} evaluations"
                     )
         model.eval()
-        result = _finish(out, model, fingerprint, state, config, valid_examples is not None)
+        has_valid = valid_examples is not None
+        result = _finish(out, model, fingerprint, state, config, has_valid, writer)
+        _save_replica_for_tests(group, model)
     result.resumed_from = resumed_from
     result.seconds = time.perf_counter() - started
     result.peak_memory_gb = mx.get_peak_memory() / 1e9
@@ -227,15 +236,19 @@ def train(
     return result
 
 
-def _train_step(step_fn, model, optimizer, batches, state: TrainState, config) -> dict:
-    """One optimiser step over `grad_accumulation` micro-batches; returns its metrics record."""
+def _train_step(step_fn, model, optimizer, batches, state: TrainState, config, group) -> dict:
+    """One optimiser step over `grad_accumulation` micro-batches; returns its metrics record.
+
+    Every rank draws the same global batch and trains on its own rows of it; loss and token
+    counts come back summed over the ranks, so every rank records the same numbers."""
     step = state.step + 1
     tic = time.perf_counter()
     carry = None
     accum = config.grad_accumulation
     for micro in range(accum):
-        batch = tuple(next(batches))  # Batch or PackedBatch: loss_fn's arguments
-        mx.random.seed(step_seed(config.seed, step, micro))
+        batch = shard(tuple(next(batches)), group)  # Batch or PackedBatch: loss_fn's arguments
+        # Each rank its own dropout draws; with one process this is step_seed(seed, step, micro).
+        mx.random.seed(step_seed(config.seed, step, micro * group.size() + group.rank()))
         loss, ntoks, carry = step_fn(batch, carry, micro == accum - 1)
         # One evaluation per compiled call: the new weights, optimiser and random state.
         mx.eval(model.state, optimizer.state, mx.random.state, loss, ntoks, carry)
@@ -331,16 +344,19 @@ def _comparable(config: TrainConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
-def _finish(out, model, fingerprint, state, config, has_valid: bool) -> TrainResult:
+def _finish(out, model, fingerprint, state, config, has_valid: bool, writer=True) -> TrainResult:
     """Save the final adapter(s), draw the loss curve, and say what happened."""
     best = config.keep_best and has_valid and state.best_step is not None
-    # With keep_best, the adapter folder already holds the best adapter; the last goes beside.
-    save_adapter(out / LAST_ADAPTER_DIR if best else out, model, config.lora_config(), fingerprint)
-    if best:
+    plot = None
+    if writer:
+        # With keep_best, the folder already holds the best adapter; the last goes beside it.
+        last = out / LAST_ADAPTER_DIR if best else out
+        save_adapter(last, model, config.lora_config(), fingerprint)
+        records = read_metrics(out / METRICS_FILE)
+        plot = plot_losses(records, out / PLOT_FILE, title=out.name) if records else None
+    if best and writer:
         weights = mx.load(str(out / ADAPTER_WEIGHTS_FILE))
         model.load_weights(list(weights.items()), strict=False)
-    records = read_metrics(out / METRICS_FILE)
-    plot = plot_losses(records, out / PLOT_FILE, title=out.name) if records else None
     return TrainResult(
         adapter_path=out,
         steps=state.step,
@@ -355,3 +371,24 @@ def _finish(out, model, fingerprint, state, config, has_valid: bool) -> TrainRes
         metrics_path=out / METRICS_FILE,
         plot_path=plot,
     )
+
+
+# --- test hooks: a rank that fails, and replicas to compare --------------------------------------
+
+FAIL_ENV = "ONDEVICE_LORA_TEST_FAIL"  # "rank:step": that rank dies after that step
+REPLICA_ENV = "ONDEVICE_LORA_TEST_REPLICAS"  # a folder: every rank saves its final adapter
+
+
+def _fail_for_tests(group, step: int) -> None:
+    spec = os.environ.get(FAIL_ENV)
+    if spec and spec == f"{group.rank()}:{step}":
+        os._exit(3)  # as a crash would: no cleanup, no goodbye to the other ranks
+
+
+def _save_replica_for_tests(group, model) -> None:
+    folder = os.environ.get(REPLICA_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(
+            str(Path(folder) / f"rank{group.rank()}.safetensors"), adapter_tensors(model)
+        )
