@@ -59,6 +59,8 @@ def serve_command(model_name, adapters, host, port, log_level):
     click.echo(f"serving {', '.join(engine.models)} on http://{host_}:{port_}/v1", err=True)
     try:
         make_server(engine, log_level).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn has shut down gracefully and re-raised Ctrl-C: a normal way to stop
     finally:
         engine.close()
         sock.close()

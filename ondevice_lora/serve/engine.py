@@ -15,6 +15,8 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import mlx.core as mx
+
 from ..adapter_set import load_adapters, set_active
 from ..errors import OndeviceLoraError
 from ..generate import TextStream, encode_prompt
@@ -91,6 +93,7 @@ class Engine:
         self.models = {base_id: None, **{name: name for name in adapters}}
         # One thread, so every MLX call (loading included) happens on it, one job at a time.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ondevice-lora-gen")
+        self._closing = threading.Event()
         self.model, self.tokenizer = self._worker.submit(self._load, load, adapters).result()
 
     @staticmethod
@@ -101,7 +104,12 @@ class Engine:
         return model, tokenizer
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        """Drop the waiting requests, finish the running one's current token, stop the thread."""
+        self._closing.set()
+        # MLX wants each thread that used it to free its streams before it ends; without this
+        # the process aborts at exit ("terminate called without an active exception").
+        self._worker.submit(mx.clear_streams)
+        self._worker.shutdown(wait=True)
 
     def prompt_ids(self, request: CompletionRequest) -> list[int]:
         """The request's prompt as token ids; raises APIError (400) for an unknown model or a
@@ -143,7 +151,7 @@ class Engine:
             job.cancelled.set()  # the client left early (or we are done): stop generating
 
     def _run(self, request: CompletionRequest, ids: list[int], job: _Job) -> None:
-        if job.cancelled.is_set():
+        if job.cancelled.is_set() or self._closing.is_set():
             return
         try:
             adapter = self.models[request.model]
@@ -153,7 +161,7 @@ class Engine:
             matcher = StopMatcher(request.stop)
             reason = None
             for piece in stream:
-                if job.cancelled.is_set():
+                if job.cancelled.is_set() or self._closing.is_set():
                     return
                 text, stopped = matcher.feed(piece)
                 if text:
