@@ -65,6 +65,8 @@ def make_app(engine: Engine) -> Starlette:
                         responses.complete("".join(pieces), event.finish_reason, used)
                     )
                 pieces.append(event)
+        except APIError as e:
+            return _error_response(e)
         except Exception as e:
             return _error_response(APIError(500, f"generation failed: {type(e).__name__}: {e}"))
 

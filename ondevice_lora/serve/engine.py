@@ -151,7 +151,10 @@ class Engine:
             job.cancelled.set()  # the client left early (or we are done): stop generating
 
     def _run(self, request: CompletionRequest, ids: list[int], job: _Job) -> None:
-        if job.cancelled.is_set() or self._closing.is_set():
+        if self._closing.is_set():
+            job.emit(APIError(503, "the server is shutting down", type="server_error"))
+            return
+        if job.cancelled.is_set():
             return
         try:
             adapter = self.models[request.model]

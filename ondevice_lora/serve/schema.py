@@ -141,10 +141,12 @@ def _sampling(body: dict, max_tokens_key: str) -> SamplingConfig:
             kind = "an integer" if checks[key] is _is_int else "a number"
             raise _bad(f"'{key}' must be {kind}, got {value!r:.100}", key, "invalid_type")
     settings = {k: v for k, v in values.items() if v is not None}
-    try:
-        return dataclasses.replace(defaults, **settings)
-    except OndeviceLoraError as e:
-        raise _bad(str(e), next(iter(settings), None)) from None
+    for key, value in settings.items():  # one at a time, to name the field that is wrong
+        try:
+            dataclasses.replace(defaults, **{key: value})
+        except OndeviceLoraError as e:
+            raise _bad(str(e), key) from None
+    return dataclasses.replace(defaults, **settings)
 
 
 def parse_request(body, chat: bool) -> CompletionRequest:
