@@ -290,3 +290,22 @@ def remove_adapters(model: nn.Module, names: Sequence[str] | None = None) -> Non
         if not layer.adapters:
             unwrapped[path] = layer.base
     replace_modules(model, unwrapped)
+
+
+def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
+    """{name: folder} from command-line values "NAME=FOLDER" or "FOLDER" (named by names_for)."""
+    named, unnamed = {}, []
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        # "runs/a=b/x" is a folder: a name holds no path separator.
+        if sep and name and "/" not in name and os.sep not in name:
+            if name in named:
+                raise AdapterError(f"adapter name {name!r} is given twice ({spec!r}).")
+            named[name] = folder
+        else:
+            unnamed.append(spec)
+    for name, folder in zip(names_for(unnamed), unnamed):
+        while name in named:
+            name += "_2"
+        named[name] = folder
+    return named

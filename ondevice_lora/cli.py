@@ -148,7 +148,9 @@ def _register_commands() -> None:
     from converters.coreml.cli import adapter_command, coreml_command
     from converters.formats.cli import export_group, import_adapter_command
 
+    from .chat_cli import chat_command
     from .quickstart import quickstart_command
+    from .serve.cli import serve_command
 
     export_group.add_command(coreml_command)
     export_group.add_command(adapter_command)
@@ -160,6 +162,8 @@ def _register_commands() -> None:
         export_group,
         import_adapter_command,
         quickstart_command,
+        chat_command,
+        serve_command,
     ):
         main.add_command(command)
 

@@ -97,18 +97,23 @@ def generate_tokens(
     prompt_ids: Sequence[int],
     config: SamplingConfig | None = None,
     eos_ids: Iterable[int] = (),
+    cache: list | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids one at a time, at most config.max_tokens of them.
 
     Generation ends before yielding an id in `eos_ids` (when config.stop_at_eos); pass the
     tokenizer's eos_token_ids. The model and its cache see one sequence (batch size 1).
+    cache: a KV cache (make_cache) that already holds the tokens before `prompt_ids`, which then
+    continue that sequence (a chat's next turn); None starts a new one. Each step writes to it:
+    once generation ends it holds the prompt and the tokens fed back so far (the last yielded
+    token only if another step was queued after it, and possibly the end-of-sequence token).
     """
     config = config or SamplingConfig()
     prompt_ids = [int(i) for i in prompt_ids]
     if not prompt_ids:
         raise OndeviceLoraError("the prompt is empty: generation needs at least one token.")
     stop = set(eos_ids) if config.stop_at_eos else set()
-    cache = make_cache(model)
+    cache = make_cache(model) if cache is None else cache
     # One explicit key split per step: a seed then fixes the whole sequence, independently of
     # anything else that draws from MLX's global random state.
     key = mx.random.key(config.seed) if config.seed is not None else None
@@ -188,24 +193,26 @@ def encode_prompt(tokenizer, prompt, chat: bool = True, system: str | None = Non
 class TextStream:
     """The text pieces of one generation, in order; `stats` is complete once iteration ends.
 
-    Iterate it once: `for piece in stream: print(piece, end="")`.
+    Iterate it once: `for piece in stream: print(piece, end="")`. cache: see generate_tokens.
     """
 
-    def __init__(self, model, tokenizer, prompt_ids: list[int], config: SamplingConfig):
+    def __init__(self, model, tokenizer, prompt_ids: list[int], config: SamplingConfig, cache=None):
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        self._pieces = self._run(model, tokenizer, prompt_ids, config)
+        self.token_ids: list[int] = []  # the generated ids so far, without the end token
+        self._pieces = self._run(model, tokenizer, prompt_ids, config, cache)
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
 
-    def _run(self, model, tokenizer, prompt_ids, config) -> Iterator[str]:
+    def _run(self, model, tokenizer, prompt_ids, config, cache) -> Iterator[str]:
         stats = self.stats
         detokenizer = StreamingDetokenizer(tokenizer)
         eos_ids = tokenizer.eos_token_ids
         mx.reset_peak_memory()
         start = time.perf_counter()
         first = None
-        for token_id in generate_tokens(model, prompt_ids, config, eos_ids):
+        for token_id in generate_tokens(model, prompt_ids, config, eos_ids, cache):
+            self.token_ids.append(token_id)
             now = time.perf_counter()
             if first is None:
                 first = now

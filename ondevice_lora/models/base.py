@@ -135,6 +135,10 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    def trim(self, length: int) -> None:
+        """Keep only the first `length` positions; the next update overwrites the rest."""
+        self.offset = max(0, min(self.offset, length))
+
 
 def make_cache(model) -> list[KVCache]:
     """One empty KV cache per decoder layer of `model`."""

@@ -1,0 +1,1 @@
+"""`ondevice-lora serve`: an OpenAI-compatible HTTP server for the base model and its adapters."""
