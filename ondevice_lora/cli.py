@@ -148,6 +148,7 @@ def _register_commands() -> None:
     from converters.coreml.cli import adapter_command, coreml_command
     from converters.formats.cli import export_group, import_adapter_command
 
+    from .privacy.cli import privacy_group
     from .quickstart import quickstart_command
 
     export_group.add_command(coreml_command)
@@ -160,6 +161,7 @@ def _register_commands() -> None:
         export_group,
         import_adapter_command,
         quickstart_command,
+        privacy_group,
     ):
         main.add_command(command)
 

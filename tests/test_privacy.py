@@ -209,3 +209,41 @@ def test_training_data_is_redacted_on_the_fly(tiny, tmp_path):
     texts = [tokenizer.decode(x["input_ids"]) for x in data.train]
     assert any("[EMAIL_1]" in t for t in texts) and any("[SSN_1]" in t for t in texts)
     assert not any("bob+test@mail.example.org" in t or "078-05-1120" in t for t in texts)
+
+
+# --- training with DP, and the canary audit --------------------------------------------------
+
+
+def audit_config(root, out, **extra):
+    from ondevice_lora.training import TrainConfig
+
+    return TrainConfig(
+        model=str(root / "model"), data=str(root / "facts"), adapter_path=str(out),
+        iters=300, batch_size=8, rank=16, target_modules="all-linear", learning_rate=1e-2,
+        lr_schedule="constant", eval_every=0, save_every=0, keep_best=False, max_length=64,
+        **extra,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_canary_exposure_is_high_without_dp_and_near_chance_with_it(tmp_path_factory):
+    from ondevice_lora.privacy.audit import audit, results_table
+    from ondevice_lora.privacy.dp import read_privacy
+
+    root = tmp_path_factory.mktemp("audit")
+    write_hf_model(root / "model", "llama")
+    write_facts(root / "facts", repeats=1)
+    figures = {}
+    for label, extra in (("no DP", {}), ("DP eps=8", {"dp_epsilon": 8.0})):
+        out = root / label.replace(" ", "_")
+        # The DP noise seed is secret (os.urandom) in real runs; fixed here for a repeatable test.
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "dp_noise_secret").write_text("12345")
+        results = audit(audit_config(root, out, **extra), count=1, digits=3, repeats=16)
+        print(f"\n{label}:\n{results_table(results)}")
+        figures[label] = results[0].exposure
+    privacy = read_privacy(root / "DP_eps=8")
+    assert privacy["epsilon"] <= 8.0 and privacy["steps_done"] == 300
+    assert privacy["unit"].startswith("one training example")
+    assert figures["no DP"] >= 6.0  # ranked among the first 1.6% of 1000 candidates
+    assert figures["DP eps=8"] <= 3.0  # near chance (about 1.4 bits on average)
