@@ -148,10 +148,10 @@ def _register_commands() -> None:
     from converters.coreml.cli import adapter_command, coreml_command
     from converters.formats.cli import export_group, import_adapter_command
 
-    from .privacy.cli import privacy_group
+    from .privacy.cli import privacy_group, with_audit
     from .quickstart import quickstart_command
 
-    export_group.add_command(coreml_command)
+    export_group.add_command(with_audit(coreml_command))
     export_group.add_command(adapter_command)
     for command in (
         convert_command,

@@ -4,6 +4,7 @@ clean text, and redaction with consistent placeholders, also as training reads t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -247,3 +248,29 @@ def test_canary_exposure_is_high_without_dp_and_near_chance_with_it(tmp_path_fac
     assert privacy["unit"].startswith("one training example")
     assert figures["no DP"] >= 6.0  # ranked among the first 1.6% of 1000 candidates
     assert figures["DP eps=8"] <= 3.0  # near chance (about 1.4 bits on average)
+
+
+@pytest.mark.slow
+def test_export_audit_runs_before_shipping(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from ondevice_lora.cli import main
+    from ondevice_lora.training.api import train_from_config
+
+    adapter = tmp_path / "adapter"
+    config = audit_config(tiny, adapter)
+    train_from_config(dataclasses.replace(config, iters=20), show_progress=False)
+    runner = CliRunner()
+    args = ["export", "peft", "--adapter", str(adapter), "--out", str(tmp_path / "peft")]
+    # Any exposure reaches a limit of 0 bits: the audit ran and the export was refused.
+    refused = runner.invoke(main, [*args, "--audit", "--audit-max-exposure", "0"])
+    assert refused.exit_code == 1 and "the audit found a canary exposed" in refused.output
+    assert "| my PIN is" in refused.output and not (tmp_path / "peft").exists()
+    # Without checkpoints there are no training settings to audit with: a clear error.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        (bare / name).write_bytes((adapter / name).read_bytes())
+    result = runner.invoke(main, ["export", "peft", "--adapter", str(bare), "--out",
+                                  str(tmp_path / "p2"), "--audit"])  # fmt: skip
+    assert result.exit_code == 1 and "needs the adapter's training settings" in result.output

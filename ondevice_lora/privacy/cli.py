@@ -106,3 +106,64 @@ def audit_command(config_file, canaries, digits, repeats, **flags):
     config = config_from_flags(config_file, flags)
     results = audit(config, canaries, digits, repeats)
     click.echo(results_table(results))
+
+
+def with_audit(command):
+    """Give an export command `--audit`: before exporting, rerun the adapter's training on its
+    data plus canaries and refuse when a canary's exposure reaches --audit-max-exposure."""
+    import functools
+
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run(*args, audit=False, audit_max_exposure=4.0, **kwargs):
+        if audit:
+            adapter = kwargs.get("adapter") or (kwargs.get("adapters") or [None])[0]
+            audit_adapter(adapter, audit_max_exposure)
+        return callback(*args, **kwargs)
+
+    command.callback = run
+    command.params += [
+        click.Option(["--audit"], is_flag=True, default=False,
+                     help="Run the canary memorisation audit first (retrains on the adapter's "
+                          "data with its settings; as long as its training)."),
+        click.Option(["--audit-max-exposure"], type=float, default=4.0, show_default=True,
+                     help="With --audit: refuse to export when a canary's exposure reaches "
+                          "this many bits."),
+    ]  # fmt: skip
+    return command
+
+
+def audit_adapter(adapter, max_exposure: float) -> None:
+    """The audit of an adapter's own training run (its checkpoint holds the settings)."""
+    import dataclasses
+    import tempfile
+
+    from ..errors import OndeviceLoraError
+    from ..training import TrainConfig
+    from ..training.checkpoint import latest_checkpoint, load_checkpoint
+    from .audit import audit, results_table
+
+    found = latest_checkpoint(adapter) if adapter else None
+    if found is None:
+        raise OndeviceLoraError(
+            f"{adapter}: --audit needs the adapter's training settings, which its checkpoints "
+            "hold, and it has none (was it trained elsewhere or its checkpoints deleted?). Run "
+            "`ondevice-lora privacy audit` with the training flags instead."
+        )
+    state = load_checkpoint(found)[0]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {k: v for k, v in state.config.items() if k in fields}
+    with tempfile.TemporaryDirectory(prefix="ondevice-lora-audit-") as tmp:
+        config = TrainConfig(**{**settings, "adapter_path": str(Path(tmp) / "adapter"),
+                                "resume": False})  # fmt: skip
+        results = audit(config)
+    click.echo(results_table(results), err=True)
+    worst = max(r.exposure for r in results)
+    if worst >= max_exposure:
+        raise OndeviceLoraError(
+            f"{adapter}: the audit found a canary exposed by {worst:.1f} bits (limit "
+            f"{max_exposure}): training this way memorises rare secrets. Retrain with "
+            "--dp-epsilon (e.g. 8), fewer steps, or redacted data (--redact) before shipping."
+        )
+    click.echo(f"audit passed: the most exposed canary has {worst:.1f} bits", err=True)
