@@ -149,10 +149,11 @@ def _register_commands() -> None:
     from converters.formats.cli import export_group, import_adapter_command
 
     from .chat_cli import chat_command
+    from .privacy.cli import privacy_group, with_audit
     from .quickstart import quickstart_command
     from .serve.cli import serve_command
 
-    export_group.add_command(coreml_command)
+    export_group.add_command(with_audit(coreml_command))
     export_group.add_command(adapter_command)
     for command in (
         convert_command,
@@ -164,6 +165,7 @@ def _register_commands() -> None:
         quickstart_command,
         chat_command,
         serve_command,
+        privacy_group,
     ):
         main.add_command(command)
 

@@ -57,7 +57,8 @@ def dense_weight(layer: nn.Module) -> mx.array:
 
 def low_rank_delta(x: mx.array, lora_a: mx.array, lora_b: mx.array, scale: float) -> mx.array:
     """scale * (x @ A.T) @ B.T: (..., in) -> (..., out), never forming the (out, in) B @ A."""
-    return ((x @ lora_a.T) @ lora_b.T) * scale
+    # swapaxes, not .T: DP training tiles the factors per example, (B, r, in) and (B, out, r).
+    return ((x @ lora_a.swapaxes(-1, -2)) @ lora_b.swapaxes(-1, -2)) * scale
 
 
 def dora_factor(base: nn.Module, delta_weight: mx.array, magnitude: mx.array) -> mx.array:

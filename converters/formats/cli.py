@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from ondevice_lora.errors import user_errors
+from ondevice_lora.privacy.cli import with_audit
 
 from . import EXPORTERS, IMPORTERS, export_gguf_lora, export_mlx_lm, export_peft, import_adapter
 
@@ -73,7 +74,7 @@ def export_group():
 
 
 for _command in (peft_command, mlx_lm_command, gguf_lora_command):
-    export_group.add_command(_command)
+    export_group.add_command(with_audit(_command))
 assert set(export_group.commands) == set(EXPORTERS)  # one command per exporter
 
 

@@ -25,6 +25,7 @@ class DataConfig:
     valid_fraction: share of the records held out for validation when no valid.jsonl is given
         (0 for none); which ones is decided by `seed`, so it is the same on every run.
     mask_prompt: for completions records, train only the completion (not the prompt).
+    redact: replace personal data (privacy.pii) by placeholders as records are read.
 
     Every invalid value is reported at once, in one DatasetError, when the config is built.
     """
@@ -36,6 +37,7 @@ class DataConfig:
     valid_fraction: float = 0.1
     seed: int = 0
     mask_prompt: bool = True
+    redact: bool = False
 
     def __post_init__(self):
         self.validate()

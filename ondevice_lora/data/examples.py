@@ -77,6 +77,7 @@ class Encoder:
     loss_on: str = "assistant"
     overlong: str = "truncate"
     mask_prompt: bool = True
+    redactor: object = None  # privacy.redact.Redactor: personal data out before encoding
     _eos: list = field(init=False)
 
     def __post_init__(self):
@@ -86,7 +87,7 @@ class Encoder:
     def record(self, record: Record) -> Encoded:
         """Encode one JSONL record. Raises TurnNotFound or TokenizerError for a chat the
         template cannot render or in which an assistant turn is not found."""
-        data = record.data
+        data = record.data if self.redactor is None else self.redactor.obj(record.data)
         if record.kind == "chat":
             ids, mask = encode_chat(
                 self.tokenizer, data["messages"], self.loss_on, data.get("tools")
@@ -100,6 +101,8 @@ class Encoder:
 
     def note(self, text: str) -> Encoded:
         """A note: the whole text (with EOS, marking where it ends) in max_length windows."""
+        if self.redactor is not None:
+            text = self.redactor.text(text)
         ids = self._document(text)
         return self.fit(ids, [1] * len(ids), "split")
 

@@ -82,9 +82,15 @@ def load_dataset(path, tokenizer, config: DataConfig | None = None) -> Dataset:
 
 def _encoder(config: DataConfig, tokenizer) -> Encoder:
     config.validate()  # the fields may have been changed since the config was built
+    redactor = None
+    if config.redact:
+        from ..privacy.redact import Redactor
+
+        redactor = Redactor()  # one for every split: the same value, the same placeholder
     return Encoder(
-        tokenizer, config.max_length, config.loss_on, config.overlong, config.mask_prompt
-    )
+        tokenizer, config.max_length, config.loss_on, config.overlong, config.mask_prompt,
+        redactor,
+    )  # fmt: skip
 
 
 def _test(splits: dict) -> Dataset | None:

@@ -38,7 +38,7 @@ _LORA = {f.name: f for f in dataclasses.fields(LoraConfig)}
 _DATA = {f.name: f for f in dataclasses.fields(DataConfig)}
 LORA_FIELDS = tuple(_LORA)
 # DataConfig.path is TrainConfig.data; seed is shared (it also picks the validation split).
-DATA_FIELDS = ("max_length", "loss_on", "overlong", "valid_fraction", "mask_prompt")
+DATA_FIELDS = ("max_length", "loss_on", "overlong", "valid_fraction", "mask_prompt", "redact")
 
 
 class ConfigError(OndeviceLoraError):
@@ -126,6 +126,21 @@ class TrainConfig:
     seed: int = _help("Seed for initialisation, data order, validation split and dropout.", 0)
     resume: bool = _help("Continue from the latest checkpoint in adapter_path.", False)
     offline_guard: bool = _help("Refuse every network connection while training.", True)
+    # Privacy (ondevice_lora/privacy): redaction of the data, DP-SGD on the adapter.
+    redact: bool = _help(
+        "Replace emails, phone numbers, card numbers, IBANs, IPs, SSNs, names and street "
+        "addresses in the data by placeholders before training.",
+        False,
+    )
+    dp_epsilon: float | None = _help(
+        "Train with differential privacy (DP-SGD) to this epsilon; the noise is solved for it.",
+        None,
+    )
+    dp_delta: float | None = _help("DP delta (None: min(1e-5, 1/N^1.1) for N examples).", None)
+    dp_clip: float = _help("DP: each example's gradient is clipped to this L2 norm.", 1.0)
+    dp_noise_multiplier: float | None = _help(
+        "DP: noise std / clip, instead of solving it from dp_epsilon.", None
+    )
     # Distributed (data parallel): the global batch_size is split over the ranks.
     workers: int = _help("Processes on this machine, each training on its share of a batch.", 1)
     hostfile: str | None = _help(
@@ -230,10 +245,39 @@ class TrainConfig:
                 ("workers", f"batch_size ({self.batch_size}) must be a multiple of workers "
                  f"({self.workers}): each worker trains on an equal share of every batch")
             )  # fmt: skip
+        if self.dp_enabled:
+            problems += self._dp_problems()
         if self.hostfile is not None and self.workers != 1:
             problems.append(("hostfile", "give workers or hostfile, not both"))
         for key in ("grad_checkpoint", "keep_best", "resume", "offline_guard"):
             check(key, isinstance(getattr(self, key), bool), "true or false")
+        return problems
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
+
+    def _dp_problems(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.dp_epsilon is not None and self.dp_noise_multiplier is not None:
+            problems.append(("dp_epsilon", "give dp_epsilon or dp_noise_multiplier, not both"))
+        for key in ("dp_epsilon", "dp_noise_multiplier", "dp_clip"):
+            value = getattr(self, key)
+            if value is not None and not (_number(value) and value > 0):
+                problems.append((key, f"{key} must be a number > 0, got {value!r}"))
+        if self.dp_delta is not None and not (_number(self.dp_delta) and 0 < self.dp_delta < 1):
+            problems.append(("dp_delta", f"dp_delta must be in (0, 1), got {self.dp_delta!r}"))
+        for key, ok, why in (
+            ("grad_accumulation", self.grad_accumulation == 1, "1 (each step is one sample)"),
+            (
+                "fine_tune_type",
+                self.fine_tune_type == "lora",
+                "lora (DoRA is not tiled per example)",
+            ),
+            ("workers", self.workers == 1 and self.hostfile is None, "1 (DP runs in one process)"),
+        ):
+            if not ok:
+                problems.append((key, f"with DP training, {key} must be {why}"))
         return problems
 
     def _nested_problems(self) -> list[tuple[str, str]]:

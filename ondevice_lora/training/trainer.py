@@ -125,6 +125,10 @@ def train(
     # Rank 0 alone writes files and shows progress; every rank computes the same numbers.
     writer = group.rank() == 0
     show_progress = show_progress and writer
+    if config.dp_enabled:
+        from ..privacy.dp import PoissonBatches
+
+        batch_iterator = PoissonBatches  # DP-SGD's accountant assumes Poisson sampling
     batch_iterator = batch_iterator or BATCHING[config.batching]
     with (
         offline(config.offline_guard),
@@ -142,6 +146,7 @@ def train(
             )  # fmt: skip
 
         total = config.total_steps(len(make_batches()))
+        dp = _dp_settings(config, len(train_examples), total)
         schedule = build_schedule(
             config.learning_rate, total, config.warmup_steps, config.lr_schedule,
             config.min_learning_rate,
@@ -174,6 +179,8 @@ def train(
             TrainProgress(total, state.step, enabled=show_progress) as ui,
         ):
             ui.log(estimate.table())
+            if dp is not None:
+                ui.log(dp.describe())
             # From here on, the peak is training's (not loading's), comparable to the estimate.
             mx.reset_peak_memory()
             if resumed_from is not None:
@@ -197,9 +204,16 @@ def train(
             if valid_examples is not None and not state.val_losses:
                 validate(0)
             step_fn = make_step(model, optimizer, loss_fn, group)
+            if dp is not None:
+                from ..privacy.dp import make_dp_step, noise_secret
+
+                secret = noise_secret(out) if writer else 0
+                step_fn = make_dp_step(model, optimizer, dp, config.batch_size, secret, state.step)
             model.train()
             while state.step < total and not _should_stop(state, config):
                 record = _train_step(step_fn, model, optimizer, batches, state, config, group)
+                if dp is not None:
+                    record["epsilon"] = dp.epsilon(state.step)
                 metrics.write(record)
                 ui.update(
                     state.step, record["loss"], record["learning_rate"],
@@ -217,6 +231,8 @@ def train(
                     path = save_checkpoint(out, state, adapter_tensors(model), optimizer.state)
                     for c in callbacks:
                         c.on_checkpoint(state.step, path)
+                    if dp is not None:
+                        ui.log(f"step {state.step}: privacy spent epsilon {record['epsilon']:.3f}")
                 _fail_for_tests(group, state.step)
                 if stopping:
                     ui.log(
@@ -226,6 +242,10 @@ def train(
         model.eval()
         has_valid = valid_examples is not None
         result = _finish(out, model, fingerprint, state, config, has_valid, writer)
+        if dp is not None and writer:
+            for folder in (out, out / LAST_ADAPTER_DIR):
+                if (folder / ADAPTER_WEIGHTS_FILE).is_file():
+                    dp.write(folder, state.step)
         _save_replica_for_tests(group, model)
     result.resumed_from = resumed_from
     result.seconds = time.perf_counter() - started
@@ -267,6 +287,17 @@ def _train_step(step_fn, model, optimizer, batches, state: TrainState, config, g
         "trained_tokens": state.trained_tokens,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
+
+
+def _dp_settings(config: TrainConfig, num_examples: int, total: int):
+    """DP-SGD settings for a run with dp_* set (None otherwise)."""
+    if not config.dp_enabled:
+        return None
+    from ..privacy.dp import default_delta, settings_from_config
+
+    if config.dp_delta is None:
+        config = dataclasses.replace(config, dp_delta=default_delta(num_examples))
+    return settings_from_config(config, num_examples, total)
 
 
 def _record_validation(state: TrainState, step: int, loss: float) -> bool:

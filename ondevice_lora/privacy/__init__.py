@@ -1,0 +1,2 @@
+"""Privacy tools: PII scanning and redaction, DP-SGD for adapters with an RDP accountant, and a
+canary memorisation audit."""
