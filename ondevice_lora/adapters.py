@@ -69,6 +69,10 @@ class AdapterError(OndeviceLoraError):
     """An adapter configuration, folder or file is invalid, or does not fit the model."""
 
 
+# PEFT's default targets for Llama-like models; a family may name its own (default_lora_targets).
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
 @dataclass
 class LoraConfig:
     """Which layers get adapters and how they are shaped; stored in adapter_config.json."""
@@ -78,7 +82,7 @@ class LoraConfig:
     dropout: float = 0.0
     # Module names ("q_proj", or a dotted suffix such as "self_attn.q_proj"), or "all-linear":
     # every Linear / QuantizedLinear inside the decoder layers (lm_head is not one of them).
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
     num_layers: int | None = None  # None: every decoder layer; N: the last N
     fine_tune_type: str = "lora"
     use_rslora: bool = False
@@ -185,6 +189,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str
     """
     config.validate()
     candidates = _candidate_layers(model, config.num_layers)
+    family_defaults = list(getattr(model, "default_lora_targets", DEFAULT_TARGETS))
+    if list(config.target_modules) == DEFAULT_TARGETS and family_defaults != DEFAULT_TARGETS:
+        # The default names layers this family does not have (Phi-3 fuses q, k and v into
+        # qkv_proj): use the family's own default, as PEFT does, and record it in the config.
+        config.target_modules = family_defaults
     if config.target_modules == ALL_LINEAR:
         return candidates
 

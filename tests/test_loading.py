@@ -154,7 +154,7 @@ def test_unknown_model_type(tmp_path, llama_folder):
     message = str(error.value)
     assert str(folder / "config.json") in message
     assert "'gpt_nine' is not supported" in message
-    assert "llama, mistral, qwen2, qwen3" in message
+    assert "gemma3_text, llama, mistral, phi3, qwen2, qwen3, smollm3" in message
 
 
 def test_missing_unexpected_and_misshapen_weights_in_one_error(tmp_path, llama_folder):

@@ -5,14 +5,17 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import ModelLoadError
-from . import llama, qwen2, qwen3
+from . import gemma3, llama, phi3, qwen2, qwen3, smollm3
 
-# Mistral checkpoints without a sliding window are Llama checkpoints under another name.
+# Mistral is Llama with a sliding window on every layer (llama.ModelArgs.layer_window).
 MODEL_TYPES: dict[str, ModuleType] = {
+    "gemma3_text": gemma3,
     "llama": llama,
     "mistral": llama,
+    "phi3": phi3,
     "qwen2": qwen2,
     "qwen3": qwen3,
+    "smollm3": smollm3,
 }
 
 

@@ -38,17 +38,20 @@ def rope_settings(rope_theta: float, rope_scaling: dict | None, rope_parameters:
 class RoPE(nn.Module):
     """Rotary position embedding (Su et al. 2021) over the first `dims` features of each head.
 
-    Supports the default rotation, linear position scaling and Llama 3.1's frequency-dependent
-    scaling, which stretches only the low frequencies so long contexts keep local detail.
+    Supports the default rotation, linear position scaling, Llama 3.1's frequency-dependent
+    scaling, which stretches only the low frequencies so long contexts keep local detail, and
+    Phi-3's LongRoPE, which scales each frequency by a fitted factor (one list for sequences
+    within the pretraining length, another beyond it) and the rotated features by a constant.
     """
 
-    SCALING_TYPES = ("default", "linear", "llama3")
+    SCALING_TYPES = ("default", "linear", "llama3", "longrope")
 
     def __init__(self, dims: int, theta: float, scaling: dict | None = None):
         super().__init__()
         self.dims = dims
         scaling = scaling or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
+        kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it
         if kind not in self.SCALING_TYPES:
             raise ModelLoadError(
                 f"rope scaling type {kind!r} (config.json rope_scaling) is not supported; "
@@ -58,32 +61,85 @@ class RoPE(nn.Module):
         self.theta = theta
         # mx.fast.rope takes either a base or the wavelengths/(2*pi) per rotated pair.
         self._periods = _llama3_periods(dims, theta, scaling) if kind == "llama3" else None
+        self._longrope = longrope_settings(dims, theta, scaling) if kind == "longrope" else None
 
     def __call__(self, x: mx.array, offset: int = 0, positions: mx.array | None = None):
         """Rotate x (B, n_heads, L, head_dim) for positions offset.. offset + L - 1, or, when
         `positions` (B, L) is given, for those explicit positions (packed rows, where each
         example's positions restart at 0)."""
         if positions is None:
-            return self._rope(x, offset)
+            return self._rope(x, offset, offset + x.shape[2])
         B, H, L, D = x.shape
         # mx.fast.rope takes one offset per batch entry: make every token its own entry, of
         # length 1, whose offset is its position. The same kernel as the fast path, so the
         # rotation is bit-for-bit the one an unpacked example gets.
         per_token = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
-        rotated = self._rope(per_token, positions.reshape(-1).astype(mx.int32))
+        positions = positions.reshape(-1).astype(mx.int32)
+        length = int(positions.max().item()) + 1 if self._longrope else L
+        rotated = self._rope(per_token, positions, length)
         return rotated.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
-    def _rope(self, x: mx.array, offset) -> mx.array:
+    def _rope(self, x: mx.array, offset, length: int) -> mx.array:
+        periods = self._periods
+        if self._longrope is not None:
+            # transformers picks the factors by the longest position of the call.
+            periods = self._longrope.periods(length)
         # HF's rotate_half layout is MLX's non-traditional one.
-        return mx.fast.rope(
+        rotated = mx.fast.rope(
             x,
             self.dims,
             traditional=False,
-            base=None if self._periods is not None else self.theta,
+            base=None if periods is not None else self.theta,
             scale=self.position_scale,
             offset=offset,
-            freqs=self._periods,
+            freqs=periods,
         )
+        if self._longrope is None or self._longrope.attention_factor == 1.0:
+            return rotated
+        # LongRoPE scales cos and sin, i.e. the rotated features only.
+        factor = mx.array(self._longrope.attention_factor, x.dtype)
+        if self.dims == x.shape[-1]:
+            return rotated * factor
+        return mx.concatenate(
+            [rotated[..., : self.dims] * factor, rotated[..., self.dims :]], axis=-1
+        )
+
+
+@dataclasses.dataclass
+class LongRoPE:
+    """Phi-3's LongRoPE: per-frequency factors, short within the pretraining context, long
+    beyond it, and a constant on cos and sin (sqrt(1 + ln(factor) / ln(original context)))."""
+
+    short_periods: mx.array
+    long_periods: mx.array
+    original_context: int
+    attention_factor: float
+
+    def periods(self, length: int) -> mx.array:
+        return self.long_periods if length > self.original_context else self.short_periods
+
+
+def longrope_settings(dims: int, theta: float, scaling: dict) -> LongRoPE:
+    """LongRoPE from a rope_scaling dict carrying short_factor, long_factor and
+    original_max_position_embeddings (and max_position_embeddings for the default factor)."""
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or scaling["max_position_embeddings"] / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    base_periods = theta ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    for name in ("short_factor", "long_factor"):
+        if len(scaling[name]) != dims // 2:
+            raise ModelLoadError(
+                f"config.json rope_scaling.{name} has {len(scaling[name])} values; this model "
+                f"rotates {dims} features of each head, so it needs {dims // 2}."
+            )
+    return LongRoPE(
+        short_periods=mx.array(scaling["short_factor"], mx.float32) * base_periods,
+        long_periods=mx.array(scaling["long_factor"], mx.float32) * base_periods,
+        original_context=original,
+        attention_factor=float(attention_factor),
+    )
 
 
 def _llama3_periods(dims: int, theta: float, scaling: dict) -> mx.array:
@@ -146,32 +202,58 @@ def make_cache(model) -> list[KVCache]:
 
 
 def make_attention_mask(
-    length: int, offset: int, padding_mask: mx.array | None, dtype: mx.Dtype
+    length: int,
+    offset: int,
+    padding_mask: mx.array | None,
+    dtype: mx.Dtype,
+    window: int | None = None,
 ) -> mx.array | str | None:
     """The additive mask for `length` new queries after `offset` cached positions.
 
     padding_mask: optional (B, offset + length) array, 1 for real tokens and 0 for padding.
+    window: a sliding-window layer's `sliding_window`: query t sees keys t - window + 1 .. t
+    (by index in the sequence, as transformers counts it), None for full causal attention.
     """
-    if padding_mask is None:
+    fits_window = window is None or offset + length <= window
+    if padding_mask is None and fits_window:
         return "causal" if length > 1 else None
     query_positions = offset + mx.arange(length)[:, None]  # (L, 1)
     key_positions = mx.arange(offset + length)[None]  # (1, L_kv)
-    allowed = (key_positions <= query_positions)[None, None]  # (1, 1, L, L_kv)
-    allowed = allowed & padding_mask.astype(mx.bool_)[:, None, None, :]  # (B, 1, L, L_kv)
+    allowed = within_window(query_positions, key_positions, window)[None, None]  # (1,1,L,L_kv)
+    if padding_mask is not None:
+        allowed = allowed & padding_mask.astype(mx.bool_)[:, None, None, :]  # (B, 1, L, L_kv)
     # A finite minimum, not -inf: a padding query that may see no key then gets a uniform
     # softmax instead of NaN, and NaN would otherwise leak into real positions' gradients.
     return mx.where(allowed, mx.array(0, dtype), mx.array(mx.finfo(dtype).min, dtype))
 
 
-def make_segment_mask(segment_ids: mx.array, dtype: mx.Dtype) -> mx.array:
+def within_window(query_positions: mx.array, key_positions: mx.array, window: int | None):
+    """Causal visibility, True where a key may be seen: key <= query, and, in a sliding-window
+    layer, query - key < window."""
+    allowed = key_positions <= query_positions
+    if window is not None:
+        allowed = allowed & (query_positions - key_positions < window)
+    return allowed
+
+
+def make_segment_mask(segment_ids: mx.array, dtype: mx.Dtype, window: int | None = None):
     """The additive mask of packed rows: causal attention within each segment only.
 
     segment_ids: (B, L) integers, equal for the tokens of one example (padding forms a segment
-    of its own). Returns (B, 1, L, L): 0 where query t may see key s (s <= t, same segment),
-    a large negative number elsewhere, so each example attends as if it were alone in its row.
+    of its own). Returns (B, 1, L, L): 0 where query t may see key s (s <= t, same segment,
+    and t - s < window for a sliding-window layer), a large negative number elsewhere, so each
+    example attends as if it were alone in its row.
     """
     L = segment_ids.shape[1]
-    causal = mx.arange(L)[None, :] <= mx.arange(L)[:, None]  # (L_q, L_k)
+    causal = within_window(mx.arange(L)[:, None], mx.arange(L)[None, :], window)  # (L_q, L_k)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, L_q, L_k)
     allowed = (same & causal)[:, None]  # (B, 1, L_q, L_k)
     return mx.where(allowed, mx.array(0, dtype), mx.array(mx.finfo(dtype).min, dtype))
+
+
+class NoRoPE(nn.Module):
+    """The identity in RoPE's place, for layers without positional rotation (SmolLM3's NoPE
+    layers): their attention sees positions only through the causal mask."""
+
+    def __call__(self, x: mx.array, offset: int = 0, positions: mx.array | None = None):
+        return x

@@ -1,7 +1,9 @@
-"""Llama decoder (Llama 2/3.x, SmolLM2, TinyLlama, llama-compatible Mistral).
+"""Llama decoder (Llama 2/3.x, SmolLM2, TinyLlama, Mistral).
 
 Pre-norm transformer: x + Attention(RMSNorm(x)), then x + SwiGLU-MLP(RMSNorm(x)); grouped-query
-attention with rotary positions. Qwen2 and Qwen3 reuse these blocks with small changes.
+attention with rotary positions, over every earlier position or, in sliding-window layers
+(Mistral), over the last `sliding_window` of them. Qwen2, Qwen3, SmolLM3, Phi-3 and Gemma 3
+reuse these blocks with their own changes.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ class ModelArgs(BaseModelArgs):
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
-    # Mistral: attention limited to the last `sliding_window` positions; we compute full
-    # attention, which is the same computation for sequences no longer than the window.
+    # Sliding-window attention: Mistral windows every layer; Qwen2 and SmolLM3 only with
+    # use_sliding_window, and only the layers `layer_types` (or Qwen2's max_window_layers) say.
     sliding_window: int | None = None
+    use_sliding_window: bool | None = None
+    layer_types: list[str] | None = None
+    max_window_layers: int | None = None
 
     def __post_init__(self):
         if self.hidden_act != "silu":
@@ -60,6 +65,22 @@ class ModelArgs(BaseModelArgs):
             self.rope_theta, self.rope_scaling, self.rope_parameters
         )
 
+    def layer_window(self, index: int) -> int | None:
+        """Layer `index`'s attention window, or None where it attends to every position."""
+        if self.sliding_window is None or self.use_sliding_window is False:
+            return None
+        if self.layer_types is not None:
+            sliding = self.layer_types[index] == "sliding_attention"
+        elif self.max_window_layers is not None:
+            sliding = index >= self.max_window_layers
+        else:
+            sliding = True
+        return self.sliding_window if sliding else None
+
+    def layer_rope(self, index: int) -> nn.Module:
+        """Layer `index`'s positional rotation (SmolLM3 turns it off in some layers)."""
+        return RoPE(self.head_dim, self.rope_theta, self.rope_scaling)
+
     # Which projections carry a bias; Qwen2 differs here and nowhere else.
     @property
     def qkv_bias(self) -> bool:
@@ -71,7 +92,7 @@ class ModelArgs(BaseModelArgs):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, index: int = 0):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
@@ -82,7 +103,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=args.output_bias)
-        self.rope = RoPE(head_dim, args.rope_theta, args.rope_scaling)
+        self.rope = args.layer_rope(index)
 
     def normalize_qk(self, queries: mx.array, keys: mx.array) -> tuple[mx.array, mx.array]:
         """Hook for families that normalise queries and keys before the rotation (Qwen3)."""
@@ -127,10 +148,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, attention_class=Attention):
+    mlp_class = MLP
+
+    def __init__(self, args: ModelArgs, attention_class=Attention, index: int = 0):
         super().__init__()
-        self.self_attn = attention_class(args)
-        self.mlp = MLP(args)
+        self.self_attn = attention_class(args, index)
+        self.mlp = self.mlp_class(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -142,41 +165,50 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """The `model.` part of a Hub checkpoint: embeddings, decoder layers, final norm."""
 
-    def __init__(self, args: ModelArgs, attention_class):
+    def __init__(self, args: ModelArgs, attention_class, layer_class=DecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, attention_class) for _ in range(args.num_hidden_layers)]
+        self.layers = [
+            layer_class(args, attention_class, i) for i in range(args.num_hidden_layers)
+        ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.sliding_window = args.sliding_window
+        self.windows = [args.layer_window(i) for i in range(args.num_hidden_layers)]
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        return self.embed_tokens(inputs)
 
     def __call__(
         self, inputs: mx.array, cache=None, padding_mask=None, position_ids=None, segment_ids=None
     ) -> mx.array:
-        h = self.embed_tokens(inputs)
+        h = self.embed(inputs)
         offset = cache[0].offset if cache is not None else 0
-        window = self.sliding_window
-        if window is not None and offset + inputs.shape[1] > window:
-            raise ValueError(
-                f"sequence of {offset + inputs.shape[1]} tokens exceeds this model's "
-                f"sliding_window of {window}, which full attention does not reproduce."
-            )
-        if segment_ids is None:
-            mask = make_attention_mask(inputs.shape[1], offset, padding_mask, h.dtype)
-        else:
-            mask = make_segment_mask(segment_ids, h.dtype)
-        for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
-            h = layer(h, mask, layer_cache, position_ids)
+        # One mask per distinct window (full attention is the window None), shared by layers.
+        masks = {}
+        for window in set(self.windows):
+            if segment_ids is None:
+                masks[window] = make_attention_mask(
+                    inputs.shape[1], offset, padding_mask, h.dtype, window
+                )
+            else:
+                masks[window] = make_segment_mask(segment_ids, h.dtype, window)
+        layer_caches = cache or [None] * len(self.layers)
+        for layer, window, layer_cache in zip(self.layers, self.windows, layer_caches):
+            h = layer(h, masks[window], layer_cache, position_ids)
         return self.norm(h)
 
 
 class Model(nn.Module):
     attention_class = Attention
+    layer_class = DecoderLayer
+    stack_class = DecoderStack
+    # LoRA targets when the configuration names none (PEFT's defaults for the family).
+    default_lora_targets = ("q_proj", "v_proj")
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = DecoderStack(args, self.attention_class)
+        self.model = self.stack_class(args, self.attention_class, self.layer_class)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 

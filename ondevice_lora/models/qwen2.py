@@ -13,6 +13,8 @@ class ModelArgs(llama.ModelArgs):
     model_type: str = "qwen2"
     rope_theta: float = 1000000.0
     tie_word_embeddings: bool = True
+    # Qwen configs carry a sliding_window that applies only with use_sliding_window.
+    use_sliding_window: bool = False
 
     @property
     def qkv_bias(self) -> bool:

@@ -16,11 +16,13 @@ class ModelArgs(llama.ModelArgs):
     model_type: str = "qwen3"
     rope_theta: float = 1000000.0
     tie_word_embeddings: bool = True
+    # Qwen configs carry a sliding_window that applies only with use_sliding_window.
+    use_sliding_window: bool = False
 
 
 class Attention(llama.Attention):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
+    def __init__(self, args: ModelArgs, index: int = 0):
+        super().__init__(args, index)
         self.q_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
         self.k_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
 
