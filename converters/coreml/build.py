@@ -1,4 +1,5 @@
-"""MIL builder for a Llama / Qwen2 / Qwen3 decoder with a stateful KV cache.
+"""MIL builder for a Llama-family decoder (Llama, Mistral, Qwen2/3, SmolLM3, Phi-3, Gemma 3
+text) with a stateful KV cache.
 
 One `convert_<piece>()` per piece of the network, each adding MIL ops for one piece to the
 function being built; `convert_decoder()` assembles them into one function (prefill or decode)
@@ -26,6 +27,15 @@ PROJECTIONS = {
     "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
 }
+# Phi-3 stores q, k, v as one qkv_proj and gate, up as one gate_up_proj; the package keeps them
+# fused (adapters on them are one branch each, as PEFT trains them) and slices the output.
+FUSED_PROJECTIONS = {"self_attn": ("qkv_proj", "o_proj"), "mlp": ("gate_up_proj", "down_proj")}
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj") + (
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+)
 
 
 @dataclass
@@ -73,17 +83,33 @@ class LinearWeights:
 
 @dataclass
 class LayerWeights:
-    q_proj: LinearWeights
-    k_proj: LinearWeights
-    v_proj: LinearWeights
+    """One decoder layer. Its projections are either q/k/v_proj and gate/up_proj, or the fused
+    qkv_proj and gate_up_proj (Phi-3); norms are RMSNorm weights as multiplied (Gemma's
+    1 + weight already added)."""
+
     o_proj: LinearWeights
-    gate_proj: LinearWeights
-    up_proj: LinearWeights
     down_proj: LinearWeights
     input_layernorm: np.ndarray
     post_attention_layernorm: np.ndarray
-    q_norm: np.ndarray | None = None  # Qwen3: RMSNorm over each head
+    q_proj: LinearWeights | None = None
+    k_proj: LinearWeights | None = None
+    v_proj: LinearWeights | None = None
+    gate_proj: LinearWeights | None = None
+    up_proj: LinearWeights | None = None
+    qkv_proj: LinearWeights | None = None
+    gate_up_proj: LinearWeights | None = None
+    q_norm: np.ndarray | None = None  # Qwen3, Gemma 3: RMSNorm over each head
     k_norm: np.ndarray | None = None
+    # Gemma 3 normalises each sub-layer's output too ("sandwich" norms): then
+    # post_attention_layernorm is applied to the attention's output, and these two wrap the MLP.
+    pre_feedforward_layernorm: np.ndarray | None = None
+    post_feedforward_layernorm: np.ndarray | None = None
+    rope: str | None = "default"  # key of DecoderWeights.ropes; None: no rotation (NoPE)
+    window: int | None = None  # sliding-window attention over the last `window` positions
+
+    def linears(self) -> dict[str, LinearWeights]:
+        """The layer's projections that exist, by name."""
+        return {n: getattr(self, n) for n in ALL_PROJECTIONS if getattr(self, n) is not None}
 
 
 @dataclass
@@ -98,13 +124,18 @@ class DecoderWeights:
     layers: list[LayerWeights]
     norm: np.ndarray
     lm_head: LinearWeights | None
-    rope_cos: np.ndarray  # (context_length, head_dim), rows are positions
-    rope_sin: np.ndarray  # (context_length, head_dim), first half negated (see convert_rope)
+    # name -> (cos, sin), each (context_length, rotary_dims), rows are positions; sin's first
+    # half negated (see convert_rope). Gemma 3 has a local and a global table.
+    ropes: dict[str, tuple[np.ndarray, np.ndarray]]
     precision: Precision
+    activation: str = "silu"  # the MLP's gate: silu (SwiGLU) or gelu_tanh (GeGLU)
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
 
     @property
     def context_length(self) -> int:
-        return self.rope_cos.shape[0]
+        return next(iter(self.ropes.values()))[0].shape[0]
 
     @property
     def cache_shape(self) -> tuple[int, int, int, int]:
@@ -127,9 +158,12 @@ def _weight(w: np.ndarray | QuantizedWeight, dtype) -> Var:
     return mb.const(val=w.astype(dtype))
 
 
-def convert_embedding(input_ids: Var, table: Var) -> Var:
-    """(1, L) ids -> (1, L, hidden) rows of the embedding table."""
-    return mb.gather(x=table, indices=input_ids, axis=0)
+def convert_embedding(input_ids: Var, table: Var, w: DecoderWeights) -> Var:
+    """(1, L) ids -> (1, L, hidden) rows of the embedding table (times Gemma's scale)."""
+    h = mb.gather(x=table, indices=input_ids, axis=0)
+    if w.embed_scale is None:
+        return h
+    return mb.mul(x=h, y=np.array(w.embed_scale, w.precision.np_dtype))
 
 
 def convert_linear(x: Var, lin: LinearWeights, precision: Precision) -> Var:
@@ -175,16 +209,29 @@ def convert_norm(x: Var, weight: np.ndarray, eps: float, precision: Precision) -
 
 
 def convert_rope(x: Var, cos: Var, sin: Var) -> Var:
-    """Rotary embedding, Hugging Face's rotate-half layout: x * cos + rotate_half(x) * sin.
+    """Rotary embedding, Hugging Face's rotate-half layout: x * cos + rotate_half(x) * sin, over
+    the first rotary_dims features of each head (all of them but in Phi-4-mini).
 
-    x: (1, heads, L, head_dim); cos, sin: (L, head_dim). sin's first half is stored negated, so
-    rotate_half(x) * sin == concat([x2, x1]) * sin, one op fewer than negating x2.
+    x: (1, heads, L, head_dim); cos, sin: (L, rotary_dims). sin's first half is stored negated,
+    so rotate_half(x) * sin == concat([x2, x1]) * sin, one op fewer than negating x2.
     """
-    half = x.shape[-1] // 2
-    x1 = mb.slice_by_index(x=x, begin=[0, 0, 0, 0], end=[*x.shape[:3], half])
-    x2 = mb.slice_by_index(x=x, begin=[0, 0, 0, half], end=list(x.shape))
+    dims, head_dim = cos.shape[-1], x.shape[-1]
+    rotated = x if dims == head_dim else _last_axis(x, 0, dims)
+    half = dims // 2
+    x1 = _last_axis(rotated, 0, half)
+    x2 = _last_axis(rotated, half, dims)
     swapped = mb.concat(values=[x2, x1], axis=-1)
-    return mb.add(x=mb.mul(x=x, y=cos), y=mb.mul(x=swapped, y=sin))
+    out = mb.add(x=mb.mul(x=rotated, y=cos), y=mb.mul(x=swapped, y=sin))
+    if dims == head_dim:
+        return out
+    return mb.concat(values=[out, _last_axis(x, dims, head_dim)], axis=-1)
+
+
+def _last_axis(x: Var, begin: int, end: int) -> Var:
+    """x[..., begin:end]; end None: to the end."""
+    rank = len(x.shape)
+    end = x.shape[-1] if end is None else end
+    return mb.slice_by_index(x=x, begin=[0] * (rank - 1) + [begin], end=[*x.shape[:-1], end])
 
 
 @dataclass
@@ -198,10 +245,9 @@ class Step:
 
     length: int
     position: Var  # (1,) int32
-    cos: Var  # (L, head_dim)
-    sin: Var
-    mask: Var  # (n_rep * L, context_length) bool, True where a query may see a key
-    caches: dict[str, Var]
+    ropes: dict[str, tuple[Var, Var]]  # name -> this call's (cos, sin) rows, (L, rotary_dims)
+    masks: dict[int | None, Var]  # window -> (n_rep * L, context) bool, True where a query
+    caches: dict[str, Var]  # may see a key
 
 
 def convert_kv_cache(step: Step, index: int, keys: Var, values: Var, w: DecoderWeights):
@@ -235,54 +281,111 @@ def convert_attention(x: Var, layer: LayerWeights, index: int, step: Step, w: De
     p, L = w.precision, step.length
     heads, kv_heads, head_dim = w.num_heads, w.num_kv_heads, w.head_dim
 
-    def project(lin, n, norm):
-        y = mb.reshape(x=convert_linear(x, lin, p), shape=[1, L, n, head_dim])
-        if norm is not None:  # Qwen3 normalises each head before the rotation
+    if layer.qkv_proj is not None:  # Phi-3: rows are the query heads, key heads, value heads
+        qkv = convert_linear(x, layer.qkv_proj, p)
+        q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+        q, k, v = (_last_axis(qkv, b, e) for b, e in ((0, q_end), (q_end, k_end), (k_end, None)))
+    else:
+        q, k, v = (convert_linear(x, lin, p) for lin in (layer.q_proj, layer.k_proj, layer.v_proj))
+
+    def heads_first(y, n, norm):
+        y = mb.reshape(x=y, shape=[1, L, n, head_dim])
+        if norm is not None:  # Qwen3 and Gemma 3 normalise each head before the rotation
             y = convert_norm(y, norm, w.rms_norm_eps, p)
         return mb.transpose(x=y, perm=[0, 2, 1, 3])  # (1, n, L, head_dim)
 
-    queries = convert_rope(project(layer.q_proj, heads, layer.q_norm), step.cos, step.sin)
-    keys = convert_rope(project(layer.k_proj, kv_heads, layer.k_norm), step.cos, step.sin)
-    values = project(layer.v_proj, kv_heads, None)
+    queries = heads_first(q, heads, layer.q_norm)
+    keys = heads_first(k, kv_heads, layer.k_norm)
+    values = heads_first(v, kv_heads, None)
+    if layer.rope is not None:  # SmolLM3's NoPE layers do not rotate
+        cos, sin = step.ropes[layer.rope]
+        queries, keys = convert_rope(queries, cos, sin), convert_rope(keys, cos, sin)
+    if w.attention_scale is not None:
+        # The attention op scales by head_dim ** -0.5; Gemma scales by its own factor.
+        factor = w.attention_scale * head_dim**0.5
+        queries = mb.mul(x=queries, y=np.array(factor, p.np_dtype))
     keys, values = convert_kv_cache(step, index, keys, values, w)
     # Query heads h*n_rep .. h*n_rep + n_rep - 1 share KV head h: fold them into the query
     # length, (1, heads, L, d) -> (1, kv_heads, n_rep * L, d), instead of repeating the cache.
     grouped = mb.reshape(x=queries, shape=[1, kv_heads, heads // kv_heads * L, head_dim])
     out = mb.scaled_dot_product_attention(
-        query=grouped, key=keys, value=values, attn_mask=step.mask
+        query=grouped, key=keys, value=values, attn_mask=step.masks[layer.window]
     )
     out = mb.reshape(x=out, shape=[1, heads, L, head_dim])
     out = mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[1, L, heads * head_dim])
     return convert_linear(out, layer.o_proj, p)
 
 
-def convert_mlp(x: Var, layer: LayerWeights, precision: Precision) -> Var:
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-    gate = mb.silu(x=convert_linear(x, layer.gate_proj, precision))
-    return convert_linear(
-        mb.mul(x=gate, y=convert_linear(x, layer.up_proj, precision)), layer.down_proj, precision
+def convert_mlp(x: Var, layer: LayerWeights, w: DecoderWeights) -> Var:
+    """SwiGLU, down(silu(gate(x)) * up(x)), or GeGLU with gelu_tanh in silu's place."""
+    p = w.precision
+    if layer.gate_up_proj is not None:  # Phi-3: the first half of the rows is the gate
+        both = convert_linear(x, layer.gate_up_proj, p)
+        inner = both.shape[-1] // 2
+        gate, up = _last_axis(both, 0, inner), _last_axis(both, inner, 2 * inner)
+    else:
+        gate, up = convert_linear(x, layer.gate_proj, p), convert_linear(x, layer.up_proj, p)
+    if w.activation == "gelu_tanh":
+        gate = mb.gelu(x=gate, mode="TANH_APPROXIMATION")
+    else:
+        gate = mb.silu(x=gate)
+    return convert_linear(mb.mul(x=gate, y=up), layer.down_proj, p)
+
+
+def convert_layer(h: Var, layer: LayerWeights, index: int, step: Step, w: DecoderWeights):
+    """One decoder layer: pre-norm residual blocks, or Gemma's sandwich-normed ones."""
+    eps, p = w.rms_norm_eps, w.precision
+    attended = convert_attention(
+        convert_norm(h, layer.input_layernorm, eps, p), layer, index, step, w
     )
+    if layer.pre_feedforward_layernorm is None:
+        h = mb.add(x=h, y=attended)
+        return mb.add(
+            x=h, y=convert_mlp(convert_norm(h, layer.post_attention_layernorm, eps, p), layer, w)
+        )
+    h = mb.add(x=h, y=convert_norm(attended, layer.post_attention_layernorm, eps, p))
+    mlp = convert_mlp(convert_norm(h, layer.pre_feedforward_layernorm, eps, p), layer, w)
+    return mb.add(x=h, y=convert_norm(mlp, layer.post_feedforward_layernorm, eps, p))
 
 
 def convert_lm_head(h: Var, w: DecoderWeights, embedding: Var) -> Var:
     """(1, L, hidden) -> (1, L, vocab) logits; a tied head reuses the embedding constant."""
     if w.lm_head is None:
-        return mb.linear(x=h, weight=embedding, name="logits")
-    return mb.identity(x=convert_linear(h, w.lm_head, w.precision), name="logits")
+        logits = mb.linear(x=h, weight=embedding)
+    else:
+        logits = convert_linear(h, w.lm_head, w.precision)
+    cap = w.final_logit_softcapping
+    if cap is not None:
+        dtype = w.precision.np_dtype
+        logits = mb.mul(
+            x=mb.tanh(x=mb.mul(x=logits, y=np.array(1 / cap, dtype))), y=np.array(cap, dtype)
+        )
+    return mb.identity(x=logits, name="logits")
 
 
 def _step(w: DecoderWeights, length: int, position: Var, caches: dict[str, Var]) -> Step:
-    """Positions, rotary rows and the causal mask for one call of `length` tokens."""
+    """Positions, rotary rows and the causal masks (one per window) for one call of `length`
+    tokens."""
     offsets = np.arange(length, dtype=np.int32)
     positions = mb.add(x=position, y=offsets)  # (L,) absolute positions of this call
-    cos = mb.gather(x=w.rope_cos.astype(w.precision.np_dtype), indices=positions, axis=0)
-    sin = mb.gather(x=w.rope_sin.astype(w.precision.np_dtype), indices=positions, axis=0)
+    dtype = w.precision.np_dtype
+    ropes = {
+        name: tuple(mb.gather(x=t.astype(dtype), indices=positions, axis=0) for t in tables)
+        for name, tables in w.ropes.items()
+        if any(layer.rope == name for layer in w.layers)
+    }
     # Rows follow the grouped query layout of convert_attention: n_rep blocks of L queries.
     n_rep = w.num_heads // w.num_kv_heads
     query_positions = mb.add(x=position, y=np.tile(offsets, n_rep).reshape(-1, 1))  # (n_rep*L, 1)
     key_index = np.arange(w.context_length, dtype=np.int32).reshape(1, -1)  # (1, context)
-    mask = mb.less_equal(x=key_index, y=query_positions)  # (n_rep * L, context)
-    return Step(length, position, cos, sin, mask, caches)
+    masks = {}
+    for window in sorted({layer.window for layer in w.layers}, key=lambda x: x or 0):
+        causal = mb.less_equal(x=key_index, y=query_positions)  # (n_rep * L, context)
+        if window is not None:  # and query - key < window, i.e. key > query - window
+            oldest = mb.sub(x=query_positions, y=np.array(window, np.int32))
+            causal = mb.logical_and(x=causal, y=mb.greater(x=key_index, y=oldest))
+        masks[window] = causal
+    return Step(length, position, ropes, masks, caches)
 
 
 def state_names(precision: Precision) -> tuple[str, ...]:
@@ -319,12 +422,9 @@ def convert_decoder(
         caches = {name: mb.read_state(input=state) for name, state in states.items()}
         step = _step(w, length, func.inputs["position"], caches)
         embedding = _weight(w.embedding, w.precision.np_dtype)
-        h = convert_embedding(func.inputs["input_ids"], embedding)
+        h = convert_embedding(func.inputs["input_ids"], embedding, w)
         for index, layer in enumerate(w.layers):
-            normed = convert_norm(h, layer.input_layernorm, w.rms_norm_eps, w.precision)
-            h = mb.add(x=h, y=convert_attention(normed, layer, index, step, w))
-            normed = convert_norm(h, layer.post_attention_layernorm, w.rms_norm_eps, w.precision)
-            h = mb.add(x=h, y=convert_mlp(normed, layer, w.precision))
+            h = convert_layer(h, layer, index, step, w)
         # One write per state, after the last layer has threaded its update through.
         for name, state in states.items():
             mb.coreml_update_state(state=state, value=step.caches[name])

@@ -73,7 +73,7 @@ from ondevice_lora.errors import OndeviceLoraError
 from ondevice_lora.fingerprint import base_fingerprint
 from ondevice_lora.lora import adapter_modules
 
-from .build import PROJECTIONS, DecoderWeights, LinearWeights, QuantizedWeight, build_program
+from .build import DecoderWeights, LinearWeights, QuantizedWeight, build_program
 from .mil_storage import DECODE_FUNCTION, METADATA_PREFIX, PREFILL_FUNCTION
 from .settings import convert_program, get_precision, quiet_progress
 from .weights import decoder_weights
@@ -342,10 +342,11 @@ def weight_bytes(w: DecoderWeights) -> int:
         return size(lin.weight) + size(lin.bias) + extra
 
     total = size(w.embedding) + size(w.norm) + linear(w.lm_head)
-    total += size(w.rope_cos) + size(w.rope_sin)
+    total += sum(size(cos) + size(sin) for cos, sin in w.ropes.values())
     for layer in w.layers:
-        total += sum(linear(getattr(layer, n)) for names in PROJECTIONS.values() for n in names)
+        total += sum(linear(lin) for lin in layer.linears().values())
         norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.q_norm, layer.k_norm)
+        norms += (layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)
         total += sum(size(n) for n in norms)
     return total
 

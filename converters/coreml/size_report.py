@@ -17,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .build import PROJECTIONS, DecoderWeights, LoraBranch
+from .build import DecoderWeights, LoraBranch
 
 WEIGHTS_FOLDER = "Data/com.apple.CoreML/weights"
 MIB = 1024 * 1024
@@ -32,9 +32,7 @@ def branch_bytes(branch: LoraBranch, itemsize: int) -> int:
 def adapter_weight_bytes(w: DecoderWeights) -> int:
     """Bytes of every constant adapter branch in `w`, at the compute dtype."""
     itemsize = np.dtype(w.precision.np_dtype).itemsize
-    linears = [
-        getattr(layer, n) for layer in w.layers for names in PROJECTIONS.values() for n in names
-    ]
+    linears = [lin for layer in w.layers for lin in layer.linears().values()]
     return sum(branch_bytes(x.lora, itemsize) for x in linears if x.lora is not None)
 
 

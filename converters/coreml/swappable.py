@@ -224,6 +224,21 @@ def export_swappable(
     out_path = Path(out_path)
     check_settings(out_path, context_length, prefill_length)
     require_plain_base(model, "export_swappable", "adapter files at run time")
+    fused = sorted(
+        {
+            n
+            for n in ("qkv_proj", "gate_up_proj")
+            for layer in model.layers
+            if n in layer.self_attn or n in layer.mlp
+        }
+    )
+    if fused:
+        # Adapter inputs are laid out per q/k/v/gate/up projection; a fused layer has none.
+        raise CoreMLExportError(
+            f"a {model.args.model_type} model fuses its projections ({', '.join(fused)}), "
+            "which the swappable layout does not cover yet; export its adapters merged "
+            "(--mode merged) or as a multifunction package (--mode multifunction)."
+        )
     layout = SwappableLayout.from_architecture(dataclasses.asdict(model.args), targets, r_max)
     if fingerprint is None:
         fingerprint = base_fingerprint(model, tokenizer)

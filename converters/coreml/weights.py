@@ -17,9 +17,11 @@ import mlx.nn as nn
 import numpy as np
 
 from ondevice_lora.lora import DoRALinear, LoRALinear, dense_weight, replace_modules
+from ondevice_lora.models import gemma3
+from ondevice_lora.models.base import RoPE, longrope_settings
 
 from .build import (
-    PROJECTIONS,
+    ALL_PROJECTIONS,
     DecoderWeights,
     LayerWeights,
     LinearWeights,
@@ -28,8 +30,8 @@ from .build import (
 )
 from .settings import Precision
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 def to_numpy(a: mx.array) -> np.ndarray:
@@ -152,23 +154,37 @@ def linear_weights(module: nn.Module, precision: Precision, group_size: int) -> 
     return LinearWeights(to_numpy(_dense(module)).astype(precision.np_dtype), bias)
 
 
-def rope_tables(args, context_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sign-adjusted sin tables (context_length, head_dim) of the model's rotary
-    embedding, in float64 then cast; sin's first half is negated (see build.convert_rope)."""
-    scaling = args.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+def rope_tables(rope, context_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sign-adjusted sin tables (context_length, rotated features) of one layer's
+    rotary embedding (an ondevice_lora.models.base.RoPE), in float64 then cast; sin's first
+    half is negated (see build.convert_rope). LongRoPE's constant is folded into both."""
+    dims, theta, scaling = rope.settings()
+    kind = scaling["rope_type"]
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope scaling {kind!r} cannot be exported; supported: {ROPE_TYPES}")
-    dims = args.head_dim
-    inv_freq = 1.0 / args.rope_theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    inv_freq = 1.0 / theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
     positions = np.arange(context_length, dtype=np.float64)
+    amplitude = 1.0
     if kind == "linear":
         positions = positions / scaling["factor"]
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind == "longrope":
+        settings = longrope_settings(dims, theta, scaling)
+        if context_length > settings.original_context:
+            # transformers switches to the long factors once a sequence passes the original
+            # context, re-rotating every cached key: a fixed table cannot do that.
+            raise ValueError(
+                f"context_length {context_length} exceeds this LongRoPE model's original "
+                f"context of {settings.original_context}, past which the model changes its "
+                "rotary frequencies for the whole sequence; a Core ML package has one fixed "
+                f"table: use --context <= {settings.original_context}."
+            )
+        inv_freq = 1.0 / np.array(settings.short_periods, dtype=np.float64)
+        amplitude = settings.attention_factor
     angles = positions[:, None] * inv_freq[None]  # (context, dims / 2)
-    cos = np.concatenate([np.cos(angles)] * 2, axis=1)
-    sin = np.concatenate([-np.sin(angles), np.sin(angles)], axis=1)
+    cos = np.concatenate([np.cos(angles)] * 2, axis=1) * amplitude
+    sin = np.concatenate([-np.sin(angles), np.sin(angles)], axis=1) * amplitude
     return cos, sin
 
 
@@ -184,6 +200,37 @@ def _llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     return np.where(wavelength < old_context / high, inv_freq, out)
 
 
+def norm_weight(module: nn.Module) -> np.ndarray:
+    """The factor an RMSNorm multiplies by: its weight, or 1 + weight for Gemma's."""
+    weight = to_numpy(module.weight)
+    return 1.0 + weight if isinstance(module, gemma3.RMSNorm) else weight
+
+
+def layer_weights(block: nn.Module, precision: Precision, group_size: int) -> LayerWeights:
+    """One decoder layer of any family in ondevice_lora.models."""
+    attn, mlp = block.self_attn, block.mlp
+    linears = {
+        name: linear_weights(getattr(part, name), precision, group_size)
+        for part in (attn, mlp)
+        for name in ALL_PROJECTIONS
+        if name in part
+    }
+    optional_norms = {
+        name: norm_weight(getattr(owner, name)) if name in owner else None
+        for owner, names in (
+            (attn, ("q_norm", "k_norm")),
+            (block, ("pre_feedforward_layernorm", "post_feedforward_layernorm")),
+        )
+        for name in names
+    }
+    return LayerWeights(
+        **linears,
+        **optional_norms,
+        input_layernorm=norm_weight(block.input_layernorm),
+        post_attention_layernorm=norm_weight(block.post_attention_layernorm),
+    )
+
+
 def decoder_weights(
     model: nn.Module, precision: Precision, context_length: int, group_size: int = 32
 ) -> DecoderWeights:
@@ -194,29 +241,22 @@ def decoder_weights(
             f"model_type {args.model_type!r} cannot be exported to Core ML; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    window = getattr(args, "sliding_window", None)
-    if window is not None and context_length > window:
-        raise ValueError(
-            f"context_length {context_length} exceeds the model's sliding_window {window}; "
-            "full attention only equals it within the window: use --context <= the window."
-        )
-    layers = []
-    for block in model.layers:
-        linears = {
-            name: linear_weights(getattr(getattr(block, part), name), precision, group_size)
-            for part, names in PROJECTIONS.items()
-            for name in names
-        }
-        attn = block.self_attn
-        layers.append(
-            LayerWeights(
-                **linears,
-                input_layernorm=to_numpy(block.input_layernorm.weight),
-                post_attention_layernorm=to_numpy(block.post_attention_layernorm.weight),
-                q_norm=to_numpy(attn.q_norm.weight) if "q_norm" in attn else None,
-                k_norm=to_numpy(attn.k_norm.weight) if "k_norm" in attn else None,
-            )
-        )
+    layers, ropes = [], {}
+    for index, block in enumerate(model.layers):
+        layer = layer_weights(block, precision, group_size)
+        layer.window = model.model.windows[index]
+        rope = block.self_attn.rope
+        if isinstance(rope, RoPE):
+            # Layers with the same rotation share one table (Gemma 3 has two: local, global).
+            key = repr(rope.settings())
+            if key not in ropes:
+                ropes[key] = rope_tables(rope, context_length)
+            layer.rope = key
+        else:
+            layer.rope = None  # NoPE
+        layers.append(layer)
+    if not ropes:  # every layer NoPE: the context length still comes from a table
+        ropes["unused"] = (np.zeros((context_length, 2)), np.zeros((context_length, 2)))
     embed = model.model.embed_tokens
     if precision.int4:
         embedding = quantized_weight(embed, group_size)
@@ -225,7 +265,7 @@ def decoder_weights(
     lm_head = None
     if not args.tie_word_embeddings:
         lm_head = linear_weights(model.lm_head, precision, group_size)
-    cos, sin = rope_tables(args, context_length)
+    gemma = isinstance(model, gemma3.Model)
     return DecoderWeights(
         num_heads=args.num_attention_heads,
         num_kv_heads=args.num_key_value_heads,
@@ -233,9 +273,12 @@ def decoder_weights(
         rms_norm_eps=args.rms_norm_eps,
         embedding=embedding,
         layers=layers,
-        norm=to_numpy(model.model.norm.weight),
+        norm=norm_weight(model.model.norm),
         lm_head=lm_head,
-        rope_cos=cos,
-        rope_sin=sin,
+        ropes=ropes,
         precision=precision,
+        activation="gelu_tanh" if gemma else "silu",
+        attention_scale=args.query_pre_attn_scalar**-0.5 if gemma else None,
+        embed_scale=model.model.embed_scale if gemma else None,
+        final_logit_softcapping=getattr(args, "final_logit_softcapping", None),
     )

@@ -59,6 +59,7 @@ class RoPE(nn.Module):
             )
         self.position_scale = 1.0 / scaling["factor"] if kind == "linear" else 1.0
         self.theta = theta
+        self._scaling = {**scaling, "rope_type": kind}  # underscore: not a parameter
         # mx.fast.rope takes either a base or the wavelengths/(2*pi) per rotated pair.
         self._periods = _llama3_periods(dims, theta, scaling) if kind == "llama3" else None
         self._longrope = longrope_settings(dims, theta, scaling) if kind == "longrope" else None
@@ -78,6 +79,10 @@ class RoPE(nn.Module):
         length = int(positions.max().item()) + 1 if self._longrope else L
         rotated = self._rope(per_token, positions, length)
         return rotated.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+    def settings(self) -> tuple[int, float, dict]:
+        """(rotated features, theta, rope_scaling with its rope_type), for exporters."""
+        return self.dims, self.theta, dict(self._scaling)
 
     def _rope(self, x: mx.array, offset, length: int) -> mx.array:
         periods = self._periods
@@ -126,7 +131,9 @@ def longrope_settings(dims: int, theta: float, scaling: dict) -> LongRoPE:
     factor = scaling.get("factor") or scaling["max_position_embeddings"] / original
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
-        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        attention_factor = (
+            1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        )
     base_periods = theta ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
     for name in ("short_factor", "long_factor"):
         if len(scaling[name]) != dims // 2:

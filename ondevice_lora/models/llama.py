@@ -168,9 +168,7 @@ class DecoderStack(nn.Module):
     def __init__(self, args: ModelArgs, attention_class, layer_class=DecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [
-            layer_class(args, attention_class, i) for i in range(args.num_hidden_layers)
-        ]
+        self.layers = [layer_class(args, attention_class, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.windows = [args.layer_window(i) for i in range(args.num_hidden_layers)]
 

@@ -30,7 +30,9 @@ class ModelArgs(llama.ModelArgs):
         super().__post_init__()
         scaling = dict(self.rope_scaling or {})
         # transformers 5 nests the rotated fraction in rope_parameters.
-        self.partial_rotary_factor = scaling.pop("partial_rotary_factor", self.partial_rotary_factor)
+        self.partial_rotary_factor = scaling.pop(
+            "partial_rotary_factor", self.partial_rotary_factor
+        )
         if scaling.get("rope_type", scaling.get("type")) in ("su", "yarn", "longrope"):
             scaling["rope_type"] = "longrope"
             scaling.setdefault(

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from .base import NoRoPE
 from . import llama
+from .base import NoRoPE
 
 
 @dataclass
