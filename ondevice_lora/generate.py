@@ -118,8 +118,21 @@ def generate_tokens(
     # anything else that draws from MLX's global random state.
     key = mx.random.key(config.seed) if config.seed is not None else None
 
+    # LongRoPE (Phi-3 long-context models) changes its rotary frequencies for the whole
+    # sequence once it grows past the original context: like transformers, feed every token of
+    # this sequence again then, into an empty cache. `fed` keeps them (those of this call; a
+    # cache passed in that is already past the switch has been re-fed by an earlier call).
+    switch = getattr(model, "rope_switch_length", None)
+    fed = [] if switch is not None and cache[0].offset == 0 else None
+
     def step(inputs: mx.array) -> mx.array:
         nonlocal key
+        if fed is not None:
+            fed.append(inputs)
+            if cache[0].offset <= switch < cache[0].offset + inputs.shape[1] and cache[0].offset:
+                for layer_cache in cache:
+                    layer_cache.trim(0)
+                inputs = mx.concatenate(fed, axis=1)
         logits = model(inputs, cache=cache)[:, -1, :]  # (1, vocab): only the last position
         step_key = None
         if key is not None:

@@ -39,6 +39,23 @@ _LLAMA_BLOCK = {
     "ffn_norm": "post_attention_layernorm",
 }
 _QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 3 normalises each sub-layer's input and output: four norms a block.
+_GEMMA3_BLOCK = {
+    **_LLAMA_BLOCK,
+    **_QK_NORMS,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Phi-3 keeps its fused projections; llama.cpp's ffn_up holds gate_up_proj (gate rows first).
+_PHI3_BLOCK = {
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -56,11 +73,14 @@ class Architecture:
 
 
 ARCHITECTURES = {
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", _GEMMA3_BLOCK, norm_offset=1.0),
     "llama": Architecture("llama", "LlamaForCausalLM", _LLAMA_BLOCK, permuted_qk=True),
+    "phi3": Architecture("phi3", "Phi3ForCausalLM", _PHI3_BLOCK),
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCK),
     "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCK, **_QK_NORMS}),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+_BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 
 
 def load_gguf(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
@@ -86,6 +106,8 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
     tensors = read_tensors(gguf)
     rope_freqs = tensors.pop("rope_freqs.weight", None)
     config = gguf_config(metadata, tensors, path)
+    if "rope_factors_short.weight" in tensors:  # Phi-3 long-context models: LongRoPE
+        config["rope_scaling"] = longrope_scaling(metadata, tensors, config)
     if rope_freqs is not None and not np.allclose(np.array(rope_freqs), 1.0):
         config["rope_scaling"] = llama3_scaling_from_factors(np.array(rope_freqs), config, path)
     weights = {
@@ -170,6 +192,60 @@ def llama3_scaling_from_factors(factors: np.ndarray, config: dict, source) -> di
     )
 
 
+def longrope_scaling(metadata: dict, tensors: dict[str, mx.array], config: dict) -> dict:
+    """Phi-3's `rope_scaling` (longrope) from llama.cpp's rope_factors_short / _long tensors
+    (removed from `tensors`) and its rope.scaling metadata."""
+    arch = metadata["general.architecture"]
+    short = np.array(tensors.pop("rope_factors_short.weight"), dtype=np.float64)
+    long = np.array(tensors.pop("rope_factors_long.weight", mx.array(short)), dtype=np.float64)
+    original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+    original = original or config["max_position_embeddings"]
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": short.tolist(),
+        "long_factor": long.tolist(),
+        "original_max_position_embeddings": original,
+        "max_position_embeddings": config["max_position_embeddings"],
+    }
+    attention_factor = metadata.get(f"{arch}.rope.scaling.attn_factor")
+    if attention_factor is not None:
+        scaling["attention_factor"] = attention_factor
+    config["original_max_position_embeddings"] = original
+    return scaling
+
+
+def _gemma3_config(config: dict, get) -> None:
+    """Gemma 3's keys: llama.cpp scales queries by head_dim ** -0.5 (query_pre_attn_scalar =
+    head_dim, true of the released 270M to 12B models) and windows five layers in six unless
+    the file gives a pattern (a period, or one flag per layer)."""
+    del config["hidden_act"]
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    config["query_pre_attn_scalar"] = config["head_dim"]
+    config["sliding_window"] = get("attention.sliding_window", 4096)
+    config["rope_local_base_freq"] = get("rope.freq_base_swa", 10000.0)
+    pattern = get("attention.sliding_window_pattern", 6)
+    layers = config["num_hidden_layers"]
+    if isinstance(pattern, list):
+        flags = [bool(f) for f in pattern]
+    else:
+        flags = [(i + 1) % pattern != 0 for i in range(layers)]
+    config["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags]
+    cap = get("final_logit_softcapping")
+    if cap:
+        config["final_logit_softcapping"] = cap
+
+
+def _phi3_config(config: dict, get) -> None:
+    """Phi-3's keys: rope.dimension_count is the rotated part of each head (Phi-4-mini: 3/4)."""
+    heads = config["num_attention_heads"]
+    config["head_dim"] = get("attention.key_length") or config["hidden_size"] // heads
+    rotary = get("rope.dimension_count") or config["head_dim"]
+    config["partial_rotary_factor"] = rotary / config["head_dim"]
+    window = get("attention.sliding_window")
+    if window:
+        config["sliding_window"] = window
+
+
 def gguf_config(metadata: dict, tensors: dict[str, mx.array], source="GGUF") -> dict:
     """A Hub-style config.json dict from llama.cpp's `<architecture>.*` metadata keys."""
     arch = metadata["general.architecture"]
@@ -219,6 +295,10 @@ def gguf_config(metadata: dict, tensors: dict[str, mx.array], source="GGUF") -> 
         value = metadata.get(f"tokenizer.ggml.{key}")
         if value is not None:
             config[key] = value
+    if arch == "gemma3":
+        _gemma3_config(config, get)
+    elif arch == "phi3":
+        _phi3_config(config, get)
     return config
 
 
@@ -236,7 +316,7 @@ def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
 
 def hub_weights(tensors: dict[str, mx.array], config: dict, source) -> dict[str, mx.array]:
     """Rename GGUF tensors to Hub parameter names and restore the Hub's Q/K row order."""
-    family = ARCHITECTURES[config["model_type"]]
+    family = _BY_MODEL_TYPE[config["model_type"]]
     weights = {}
     for name, w in tensors.items():
         parts = name.split(".")

@@ -58,7 +58,8 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, names: dict | None = None) -> str:
+    """The GGUF name of a Hub tensor; names: per-architecture overrides of HF_TO_GGUF."""
     top = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -67,7 +68,8 @@ def gguf_name(hf_name: str) -> str:
     if hf_name in top:
         return top[hf_name]
     _, _, layer, *module, suffix = hf_name.split(".")
-    return f"blk.{layer}.{HF_TO_GGUF['.'.join(module)]}.{suffix}"
+    mapping = {**HF_TO_GGUF, **(names or {})}
+    return f"blk.{layer}.{mapping['.'.join(module)]}.{suffix}"
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, folder, pre="gpt-2", model="gpt2"):
@@ -101,13 +103,18 @@ def write_gguf(
     extra=None,
     arch="llama",
     pre="gpt-2",
+    names=None,
+    norm_shift=0.0,
+    rope_dims=None,
 ):
     """Write `hf_model` as llama.cpp would; returns the transformers model with every weight
     replaced by what the file holds after de-quantisation (the reference for quantised files).
 
     types: per-GGUF-tensor-name overrides of `qtype`. 1-D tensors are always F32, as llama.cpp
     stores them. extra: a function of the writer that adds metadata or tensors. arch: llama.cpp's
-    architecture name; only "llama" has its Q/K rows interleaved.
+    architecture name; only "llama" has its Q/K rows interleaved. names: overrides of
+    HF_TO_GGUF for the architecture. norm_shift: added to norm weights in the file (llama.cpp
+    stores Gemma's (1 + w) norms as 1 + w). rope_dims: rope.dimension_count if not head_dim.
     """
     cfg = hf_model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -118,9 +125,10 @@ def write_gguf(
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters
+    writer.add_rope_freq_base(rope.get("rope_theta") or rope["full_attention"]["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rope_dims or head_dim)
     if head_dim != cfg.hidden_size // cfg.num_attention_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -134,7 +142,7 @@ def write_gguf(
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # the embedding itself; Hub checkpoints and llama.cpp store it once
         w = p.detach().numpy().astype(np.float32)
-        target = gguf_name(name)
+        target = gguf_name(name, names)
         kind = Q.F32 if w.ndim == 1 else (types or {}).get(target, qtype)
         if kind != Q.F32:
             # Quantisation is row-local, so quantising before or after the row permutation
@@ -147,6 +155,8 @@ def write_gguf(
             w = llama_cpp_permute(w, cfg.num_attention_heads)
         elif ".k_proj." in name:
             w = llama_cpp_permute(w, cfg.num_key_value_heads)
+        if norm_shift and name.endswith("norm.weight"):
+            w = w + norm_shift
         data = quantize(w, kind) if kind != Q.F32 else w
         writer.add_tensor(target, data, raw_dtype=kind if kind != Q.F32 else None)
     writer.write_header_to_file()

@@ -240,6 +240,121 @@ def test_qwen_gguf_matches_transformers(tmp_path, variant):
         assert tokenizer.encode(text) == hf_tokenizer.encode(text), text
 
 
+GEMMA3_NAMES = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+PHI3_NAMES = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.numpy()
+
+
+def test_gemma3_gguf_matches_transformers(tmp_path):
+    from tests.hf_fixtures import WINDOW, make_hf_model
+
+    folder = tmp_path / "tokenizer"
+    write_tiny_tokenizer(folder, template="chatml")
+    hf_model = make_hf_model("gemma3_text")
+    layer_types = hf_model.config.layer_types  # one local layer, then one global
+
+    def gemma_keys(writer):  # llama.cpp writes the head size of Gemma 3 always
+        writer.add_key_length(hf_model.config.head_dim)
+        writer.add_value_length(hf_model.config.head_dim)
+        writer.add_sliding_window(WINDOW)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+
+    path = tmp_path / "gemma3.gguf"
+    write_gguf(
+        path,
+        hf_model,
+        folder,
+        Q.Q8_0,
+        arch="gemma3",
+        names=GEMMA3_NAMES,
+        norm_shift=1.0,
+        extra=gemma_keys,
+    )
+    model, _, config = load_gguf(path)
+    assert config["model_type"] == "gemma3_text" and config["layer_types"] == layer_types
+    # transformers' GGUF mapping reads neither the per-layer pattern nor the query scale
+    # (it assumes 256, llama.cpp uses head_dim): pass both.
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path,
+        gguf_file=path.name,
+        layer_types=layer_types,
+        query_pre_attn_scalar=config["head_dim"],
+    ).eval()
+    ids = np.random.default_rng(3).integers(0, config["vocab_size"], size=(2, 3 * WINDOW))
+    expected = hf_logits(reference, ids)
+    assert np.abs(np.array(model(mx.array(ids, dtype=mx.int32))) - expected).max() < 1e-4
+
+
+def test_phi3_gguf_matches_transformers(tmp_path):
+    from tests.hf_fixtures import WINDOW, make_hf_model
+
+    folder = tmp_path / "tokenizer"
+    write_tiny_tokenizer(folder, template="chatml")
+    hf_model = make_hf_model("phi3")
+    path = tmp_path / "phi3.gguf"
+    write_gguf(
+        path,
+        hf_model,
+        folder,
+        Q.Q8_0,
+        arch="phi3",
+        names=PHI3_NAMES,
+        extra=lambda writer: writer.add_sliding_window(WINDOW),
+    )
+    model, _, config = load_gguf(path)
+    assert config["model_type"] == "phi3" and config["sliding_window"] == WINDOW
+    # transformers' phi3 GGUF mapping drops attention.sliding_window: pass it.
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, sliding_window=WINDOW
+    ).eval()
+    ids = np.random.default_rng(4).integers(0, config["vocab_size"], size=(2, 3 * WINDOW))
+    expected = hf_logits(reference, ids)
+    assert np.abs(np.array(model(mx.array(ids, dtype=mx.int32))) - expected).max() < 1e-4
+
+
+def test_phi4_mini_style_gguf_with_longrope_factors_matches_its_checkpoint(tmp_path):
+    """Partial rotation (rope.dimension_count 12 of 16) and LongRoPE's factor tensors, which
+    transformers' GGUF loader ignores: the reference is the transformers model the file was
+    written from (its weights replaced by the file's de-quantised ones)."""
+    from tests.hf_fixtures import make_hf_model
+
+    folder = tmp_path / "tokenizer"
+    write_tiny_tokenizer(folder, template="chatml")
+    hf_model = make_hf_model("phi3_longrope_partial")
+    rope = hf_model.config.rope_parameters
+
+    def longrope(writer):
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+
+    path = tmp_path / "phi4.gguf"
+    reference = write_gguf(
+        path,
+        hf_model,
+        folder,
+        Q.Q8_0,
+        arch="phi3",
+        names=PHI3_NAMES,
+        rope_dims=12,
+        extra=longrope,
+    )
+    model, _, config = load_gguf(path)
+    assert config["partial_rotary_factor"] == 0.75 and config["tie_word_embeddings"]
+    for length in (24, 40):  # within the original context of 32, then past it
+        ids = np.random.default_rng(length).integers(0, config["vocab_size"], size=(2, length))
+        expected = hf_logits(reference, ids)
+        assert np.abs(np.array(model(mx.array(ids, dtype=mx.int32))) - expected).max() < 1e-4
+
+
 def write_one_tensor(path, kind, n_bytes):
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tensor("blk.0.attn_q.weight", np.zeros((8, n_bytes), np.uint8), raw_dtype=kind)

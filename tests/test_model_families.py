@@ -94,12 +94,25 @@ def test_packed_rows_keep_each_example_to_itself_within_its_window(family, varia
     np.testing.assert_allclose(packed, np.concatenate(alone), atol=LOGITS_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant", FAMILIES)
-def test_greedy_decoding_with_the_cache_matches_transformers_generate(family, variant):
+# A prompt whose greedy continuation stays varied past position 32 (most fall into a loop of
+# one token there, which would hide the difference the LongRoPE switch makes).
+VARIED_PROMPT = [int(t) for t in np.random.default_rng(24).integers(3, VOCAB_SIZE, size=8)]
+
+
+@pytest.mark.parametrize(
+    "variant, length, prompt",
+    [(v, LENGTH, [int(t) for t in IDS[0, :8]]) for v in FAMILIES]
+    + [("phi3_longrope_partial", 40, VARIED_PROMPT)],
+    ids=[*FAMILIES, "phi3_longrope_past_the_original_context"],
+)
+def test_greedy_decoding_with_the_cache_matches_transformers_generate(
+    family, variant, length, prompt
+):
+    """Decoding runs well past the window; at 40 tokens, LongRoPE switches to its long factors
+    mid-generation, where transformers re-feeds the whole sequence (and so do we)."""
     folder, reference = family(variant)
     model, _ = load_model(folder)
-    prompt = [int(t) for t in IDS[0, :8]]
-    new = LENGTH - len(prompt)  # decoding runs well past the window
+    new = length - len(prompt)
     ours = list(generate_tokens(model, prompt, SamplingConfig(max_tokens=new), eos_ids=()))
     reference.generation_config.eos_token_id = None
     with torch.no_grad():

@@ -104,3 +104,12 @@ class Model(llama.Model):
     attention_class = Attention
     layer_class = DecoderLayer
     default_lora_targets = ("qkv_proj",)
+
+    @property
+    def rope_switch_length(self) -> int | None:
+        """With LongRoPE, the sequence length past which the long factors apply to every
+        position (generation then re-feeds the sequence); None otherwise."""
+        scaling = self.args.rope_scaling or {}
+        if scaling.get("rope_type") != "longrope":
+            return None
+        return scaling["original_max_position_embeddings"]
