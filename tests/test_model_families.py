@@ -274,3 +274,14 @@ def test_coreml_refuses_a_context_past_the_longrope_switch(family, tmp_path):
     model, tokenizer = load(folder)
     with pytest.raises(Exception, match="original context of 32"):
         export_coreml(model, tokenizer, tmp_path / "m.mlpackage", "fp32", context_length=64)
+
+
+def test_swappable_export_refuses_fused_projections_clearly(family, tmp_path):
+    pytest.importorskip("coremltools")
+    from converters.coreml.export import CoreMLExportError
+    from converters.coreml.swappable import export_swappable
+
+    folder, _ = family("phi3")
+    model, tokenizer = load(folder)
+    with pytest.raises(CoreMLExportError, match="qkv_proj.*--mode merged"):
+        export_swappable(model, tokenizer, tmp_path / "s.mlpackage", targets="all-linear")

@@ -63,9 +63,9 @@ DROPOUT_PER_INPUT = 1.4
 # The calibration adapted every linear layer, which keeps their inputs; a group of layers with
 # no adapter does not: (layer names, the width of their input).
 INPUT_GROUPS = (
-    (("q_proj", "k_proj", "v_proj"), "hidden"),
+    (("q_proj", "k_proj", "v_proj", "qkv_proj"), "hidden"),  # Phi-3 fuses q, k, v
     (("o_proj",), "attention"),
-    (("gate_proj", "up_proj"), "hidden"),
+    (("gate_proj", "up_proj", "gate_up_proj"), "hidden"),
     (("down_proj",), "intermediate"),
 )
 
