@@ -120,8 +120,9 @@ def generate_tokens(
 
     # LongRoPE (Phi-3 long-context models) changes its rotary frequencies for the whole
     # sequence once it grows past the original context: like transformers, feed every token of
-    # this sequence again then, into an empty cache. `fed` keeps them (those of this call; a
-    # cache passed in that is already past the switch has been re-fed by an earlier call).
+    # the sequence again then, into an emptied cache. `fed` keeps them. A cache passed in that
+    # already holds tokens (a chat's later turn) is continued as it is, since its tokens are
+    # not known here: past the switch its earlier keys keep the short factors' rotation.
     switch = getattr(model, "rope_switch_length", None)
     fed = [] if switch is not None and cache[0].offset == 0 else None
 
