@@ -109,13 +109,20 @@ class Attention(nn.Module):
         """Hook for families that normalise queries and keys before the rotation (Qwen3)."""
         return queries, keys
 
-    def __call__(self, x: mx.array, mask, cache: KVCache | None = None, positions=None):
+    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries (B, L, heads, head_dim), keys and values (B, L, kv_heads, head_dim); Phi-3
+        computes them with one fused projection instead."""
         B, L, _ = x.shape
-        # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
         queries = self.q_proj(x).reshape(B, L, self.n_heads, -1)
         keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
         values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        return queries, keys, values
+
+    def __call__(self, x: mx.array, mask, cache: KVCache | None = None, positions=None):
+        B, L, _ = x.shape
+        queries, keys, values = self.project_qkv(x)
         queries, keys = self.normalize_qk(queries, keys)
+        # (B, L, heads, head_dim) -> (B, heads, L, head_dim)
         queries = queries.transpose(0, 2, 1, 3)
         keys = keys.transpose(0, 2, 1, 3)
         values = values.transpose(0, 2, 1, 3)

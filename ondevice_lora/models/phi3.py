@@ -13,8 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import llama
-from .base import KVCache, RoPE
-from .cpu_attention import scaled_dot_product_attention
+from .base import RoPE
 
 
 @dataclass
@@ -63,23 +62,16 @@ class Attention(llama.Attention):
         self.o_proj = nn.Linear(self.n_heads * args.head_dim, args.hidden_size, bias=False)
         self.rope = args.layer_rope(index)
 
-    def __call__(self, x: mx.array, mask, cache: KVCache | None = None, positions=None):
+    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         B, L, _ = x.shape
         # Rows of qkv_proj: all query heads, then the key heads, then the value heads.
         q_end = self.n_heads * self.head_dim
         k_end = q_end + self.n_kv_heads * self.head_dim
         qkv = self.qkv_proj(x)
-        queries = qkv[..., :q_end].reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        keys = qkv[..., q_end:k_end].reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        values = qkv[..., k_end:].reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-
-        offset = cache.offset if cache is not None else 0
-        queries = self.rope(queries, offset=offset, positions=positions)
-        keys = self.rope(keys, offset=offset, positions=positions)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-        out = scaled_dot_product_attention(queries, keys, values, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        queries = qkv[..., :q_end].reshape(B, L, self.n_heads, -1)
+        keys = qkv[..., q_end:k_end].reshape(B, L, self.n_kv_heads, -1)
+        values = qkv[..., k_end:].reshape(B, L, self.n_kv_heads, -1)
+        return queries, keys, values
 
 
 class MLP(nn.Module):
