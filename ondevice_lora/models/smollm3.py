@@ -36,4 +36,4 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Model(llama.Model):
-    pass
+    """Llama's model: only the arguments differ (layer_rope gives NoPE layers no rotation)."""
