@@ -10,6 +10,7 @@ packages (merged and multifunction) to MLX by the validator's own interpreter.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -285,3 +286,20 @@ def test_swappable_export_refuses_fused_projections_clearly(family, tmp_path):
     model, tokenizer = load(folder)
     with pytest.raises(CoreMLExportError, match="qkv_proj.*--mode merged"):
         export_swappable(model, tokenizer, tmp_path / "s.mlpackage", targets="all-linear")
+
+
+@pytest.mark.parametrize("variant", ["gemma3_text", "mistral_sliding"])
+def test_layer_types_of_the_wrong_length_get_a_clear_error(family, variant, tmp_path):
+    import json
+    import shutil
+
+    from ondevice_lora.errors import ModelLoadError
+
+    folder = Path(shutil.copytree(family(variant)[0], tmp_path / "copy"))
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_types"] = ["sliding_attention"] * 3  # the model has 2 layers
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as error:
+        load_model(folder)
+    assert str(folder) in str(error.value)
+    assert "layer_types has 3 entries for num_hidden_layers 2" in str(error.value)

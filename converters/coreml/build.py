@@ -128,14 +128,11 @@ class DecoderWeights:
     # half negated (see convert_rope). Gemma 3 has a local and a global table.
     ropes: dict[str, tuple[np.ndarray, np.ndarray]]
     precision: Precision
+    context_length: int  # positions the KV cache holds
     activation: str = "silu"  # the MLP's gate: silu (SwiGLU) or gelu_tanh (GeGLU)
     attention_scale: float | None = None  # None: head_dim ** -0.5
     embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
-
-    @property
-    def context_length(self) -> int:
-        return next(iter(self.ropes.values()))[0].shape[0]
 
     @property
     def cache_shape(self) -> tuple[int, int, int, int]:
@@ -372,7 +369,6 @@ def _step(w: DecoderWeights, length: int, position: Var, caches: dict[str, Var])
     ropes = {
         name: tuple(mb.gather(x=t.astype(dtype), indices=positions, axis=0) for t in tables)
         for name, tables in w.ropes.items()
-        if any(layer.rope == name for layer in w.layers)
     }
     # Rows follow the grouped query layout of convert_attention: n_rep blocks of L queries.
     n_rep = w.num_heads // w.num_kv_heads

@@ -224,14 +224,8 @@ def export_swappable(
     out_path = Path(out_path)
     check_settings(out_path, context_length, prefill_length)
     require_plain_base(model, "export_swappable", "adapter files at run time")
-    fused = sorted(
-        {
-            n
-            for n in ("qkv_proj", "gate_up_proj")
-            for layer in model.layers
-            if n in layer.self_attn or n in layer.mlp
-        }
-    )
+    first = model.layers[0]
+    fused = [n for n in ("qkv_proj", "gate_up_proj") if n in first.self_attn or n in first.mlp]
     if fused:
         # Adapter inputs are laid out per q/k/v/gate/up projection; a fused layer has none.
         raise CoreMLExportError(

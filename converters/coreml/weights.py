@@ -255,8 +255,6 @@ def decoder_weights(
         else:
             layer.rope = None  # NoPE
         layers.append(layer)
-    if not ropes:  # every layer NoPE: the context length still comes from a table
-        ropes["unused"] = (np.zeros((context_length, 2)), np.zeros((context_length, 2)))
     embed = model.model.embed_tokens
     if precision.int4:
         embedding = quantized_weight(embed, group_size)
@@ -277,6 +275,7 @@ def decoder_weights(
         lm_head=lm_head,
         ropes=ropes,
         precision=precision,
+        context_length=context_length,
         activation="gelu_tanh" if gemma else "silu",
         attention_scale=args.query_pre_attn_scalar**-0.5 if gemma else None,
         embed_scale=model.model.embed_scale if gemma else None,

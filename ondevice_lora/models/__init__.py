@@ -32,4 +32,9 @@ def get_model_module(model_type: str | None, source: str = "config.json") -> Mod
 def build_model(config: dict, source: str = "config.json"):
     """An uninitialised-weights model for a Hub-style config dict."""
     module = get_model_module(config.get("model_type"), source)
-    return module.Model(module.ModelArgs.from_dict(config))
+    try:
+        args = module.ModelArgs.from_dict(config)
+    except ModelLoadError as error:
+        # The arguments name the config key at fault; say which model it came from too.
+        raise ModelLoadError(f"{source}: {error}") from None
+    return module.Model(args)

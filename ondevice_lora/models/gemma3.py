@@ -67,6 +67,7 @@ class ModelArgs(llama.ModelArgs):
                 "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                 for i in range(self.num_hidden_layers)
             ]
+        llama.check_layer_types(self)
         # Hub configs: rope_theta and rope_scaling for the global layers, rope_local_base_freq
         # for the local ones; transformers 5 nests both under rope_parameters by layer type.
         nested = self.rope_parameters or {}

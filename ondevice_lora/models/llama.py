@@ -64,6 +64,7 @@ class ModelArgs(BaseModelArgs):
         self.rope_theta, self.rope_scaling = rope_settings(
             self.rope_theta, self.rope_scaling, self.rope_parameters
         )
+        check_layer_types(self)
 
     def layer_window(self, index: int) -> int | None:
         """Layer `index`'s attention window, or None where it attends to every position."""
@@ -89,6 +90,17 @@ class ModelArgs(BaseModelArgs):
     @property
     def output_bias(self) -> bool:
         return self.attention_bias
+
+
+def check_layer_types(args) -> None:
+    """A clear error for a `layer_types` list that does not give one entry per layer."""
+    types = args.layer_types
+    if types is not None and len(types) != args.num_hidden_layers:
+        raise ModelLoadError(
+            f"config.json: layer_types has {len(types)} entries for num_hidden_layers "
+            f'{args.num_hidden_layers}; it needs one per layer ("sliding_attention" or '
+            '"full_attention").'
+        )
 
 
 class Attention(nn.Module):
