@@ -79,7 +79,7 @@ def make_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer as Backend
     from tokenizers import models
 
-    from ondevice_lora.tokenizer import Tokenizer
+    from ondevice_lora.loading.tokenizer import Tokenizer
 
     names = ["<pad>", "<s>", "</s>", "<system>", "<user>", "<assistant>", "<m6>", "<m7>"]
     vocab = {name: i for i, name in enumerate(names)}

@@ -76,7 +76,7 @@ def _ours_stats(batch) -> dict:
 
 
 def run_ours(spec: dict, train_set: list, valid_set: list) -> dict:
-    from ondevice_lora.cpu_matmul import dequantized_matmuls
+    from ondevice_lora.backend.cpu_matmul import dequantized_matmuls
     from ondevice_lora.data.packing import BATCHING
     from ondevice_lora.loading import load_model
     from ondevice_lora.training import TrainConfig, TrainingCallback, train
@@ -158,7 +158,7 @@ def run_mlx_lm(spec: dict, train_set: list, valid_set: list) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
-    from ondevice_lora.cpu_matmul import dequantized_matmuls
+    from ondevice_lora.backend.cpu_matmul import dequantized_matmuls
 
     model, _ = load_model(Path(spec["model_folder"]))
     mx.random.seed(spec["seed"])
@@ -249,7 +249,7 @@ def _measure(started, times: list, batches: list[dict]) -> dict:
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from ondevice_lora.fast_blas import blas_provider
+    from ondevice_lora.backend.fast_blas import blas_provider
 
     spec = json.loads(Path(spec_path).read_text())
     train_set, valid_set = setup.read_data(spec["data"])

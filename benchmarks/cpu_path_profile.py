@@ -11,7 +11,7 @@ only takes at process start):
   1. MLX as shipped: its bundled reference BLAS, its 4-bit matmul kernel, its attention.
   2. + OpenBLAS preloaded (fast_blas.py; the system's, or scipy-openblas32 through blas_shim).
   3. + de-quantise-then-matmul for the 4-bit layers (cpu_matmul.py).
-  4. + causal attention block by block, skipping the masked half (models/cpu_attention.py).
+  4. + causal attention block by block, skipping the masked half (backend/cpu_attention.py).
   5. + the output head at the trained positions only (training/trained_positions.py).
 
 Every configuration computes the same loss (printed, to float32 rounding). The table gives
@@ -49,10 +49,10 @@ def child(spec: dict) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from ondevice_lora.adapters import LoraConfig, apply_adapters
-    from ondevice_lora.cpu_matmul import dequantized_matmuls
+    from ondevice_lora.adapters.files import LoraConfig, apply_adapters
+    from ondevice_lora.backend.cpu_matmul import dequantized_matmuls
+    from ondevice_lora.backend.fast_blas import blas_provider
     from ondevice_lora.data.packing import iterate_packed_batches
-    from ondevice_lora.fast_blas import blas_provider
     from ondevice_lora.loading import load_model
     from ondevice_lora.models import llama
     from ondevice_lora.training.step import masked_cross_entropy
@@ -98,7 +98,7 @@ def child(spec: dict) -> dict:
 
 
 def run_stage(name: str, stage: dict, spec: dict, work: Path) -> dict:
-    from ondevice_lora.fast_blas import OPT_OUT_ENV, find_openblas, preload_env
+    from ondevice_lora.backend.fast_blas import OPT_OUT_ENV, find_openblas, preload_env
 
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env[OPT_OUT_ENV] = "0"

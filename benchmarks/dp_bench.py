@@ -51,7 +51,7 @@ def main() -> None:
 
     from bench_setup import FULL_MODEL, make_chats, write_data, write_model
 
-    from ondevice_lora.fast_blas import reexec_with_fast_blas
+    from ondevice_lora.backend.fast_blas import reexec_with_fast_blas
 
     reexec_with_fast_blas()
     work = Path(tempfile.mkdtemp(prefix="dp-bench-"))

@@ -7,7 +7,7 @@ Makes a random-weight Llama in float32 and 4-bit, and a deterministic
 variable-length chat dataset; trains each row in its own process up to the same number of
 trained tokens, with the same rank, targets, batch size, maximum length, optimizer and
 learning rate; prints one table and writes the results to JSON. Every process gets the same
-fast BLAS preloaded (ondevice_lora.fast_blas: a system OpenBLAS, or scipy-openblas32 through a
+fast BLAS preloaded (ondevice_lora.backend.fast_blas: a system OpenBLAS, or scipy-openblas32 through a
 shim), mlx-lm's included, so the comparison is of the trainers, not of the BLAS. See
 benchmarks/README.md.
 """
@@ -89,7 +89,7 @@ def _timed(fn) -> float:
 
 def child_env(cpu_path: bool) -> dict:
     """The environment of a side's process: OpenBLAS preloaded when installed (and wanted)."""
-    from ondevice_lora.fast_blas import OPT_OUT_ENV, find_openblas, preload_env
+    from ondevice_lora.backend.fast_blas import OPT_OUT_ENV, find_openblas, preload_env
 
     env = dict(os.environ)
     library = find_openblas()

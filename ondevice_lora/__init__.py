@@ -3,7 +3,7 @@
 # The public API. Imported eagerly: the function `generate` shadows the submodule of the same
 # name, and a lazy import would let the two swap depending on which was imported first.
 # `from ondevice_lora.generate import ...` still reaches the module.
-from .generate import SamplingConfig, generate, stream_generate
+from .generation import SamplingConfig, generate, stream_generate
 from .loading import load
 
 __version__ = "0.1.0"

@@ -7,8 +7,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ondevice_lora.adapters import LoraConfig, adapter_tensors, apply_adapters, save_adapter
-from ondevice_lora.fingerprint import base_fingerprint
+from ondevice_lora.adapters.files import LoraConfig, adapter_tensors, apply_adapters, save_adapter
+from ondevice_lora.adapters.fingerprint import base_fingerprint
 from ondevice_lora.loading import load
 
 
@@ -47,7 +47,7 @@ TOKENS = mx.array([[5, 17, 42, 300, 7, 99, 256, 3], [1, 2, 3, 4, 5, 6, 7, 8]])
 def write_bases_with_adapters(root: Path, configs: dict[str, LoraConfig]) -> dict[str, Path]:
     """An fp32 base and the same base in 4 bits (fp32 scales), with one adapter per config for
     each: keys "base", "q4", and "<base>/<name>" for the adapters (seeded by their order)."""
-    from ondevice_lora.convert import convert
+    from ondevice_lora.loading.convert import convert
     from tests.hf_fixtures import write_hf_model
 
     write_hf_model(root / "base", "llama_tied_bias_head_dim")

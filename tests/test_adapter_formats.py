@@ -26,7 +26,7 @@ from converters.formats import (
 )
 from converters.formats.cli import export_group, import_adapter_command
 from converters.formats.common import alpha_for_scale, float32_alpha_for_scale
-from ondevice_lora.adapters import (
+from ondevice_lora.adapters.files import (
     ADAPTER_CONFIG_FILE,
     LoraConfig,
     adapter_modules,
@@ -35,10 +35,10 @@ from ondevice_lora.adapters import (
     read_adapter_config,
     save_adapter,
 )
+from ondevice_lora.adapters.layers import DoRALinear
 from ondevice_lora.cli import main
-from ondevice_lora.gguf import _unpermute_rows
 from ondevice_lora.loading import load
-from ondevice_lora.lora import DoRALinear
+from ondevice_lora.loading.gguf.model import _unpermute_rows
 from tests.hf_fixtures import COMMON, write_hf_model
 
 TOKENS = mx.array([[5, 17, 42, 300, 7, 99, 256, 3], [1, 2, 3, 4, 5, 6, 7, 8]])

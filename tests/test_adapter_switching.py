@@ -13,7 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from ondevice_lora import SamplingConfig, generate, load
-from ondevice_lora.adapter_set import (
+from ondevice_lora.adapters.files import AdapterError, LoraConfig, read_adapter_config
+from ondevice_lora.adapters.fingerprint import base_fingerprint
+from ondevice_lora.adapters.layers import adapter_modules, wrapped_modules
+from ondevice_lora.adapters.mix import (
     MultiAdapterLinear,
     active_adapters,
     adapter_names,
@@ -22,11 +25,8 @@ from ondevice_lora.adapter_set import (
     remove_adapters,
     set_active,
 )
-from ondevice_lora.adapters import AdapterError, LoraConfig, read_adapter_config
 from ondevice_lora.cli import main
-from ondevice_lora.fingerprint import base_fingerprint
-from ondevice_lora.lora import adapter_modules, wrapped_modules
-from ondevice_lora.weights import read_safetensors
+from ondevice_lora.loading.weights import read_safetensors
 from tests.adapter_fixtures import TOKENS, write_adapter, write_bases_with_adapters
 from tests.hf_fixtures import write_hf_model
 

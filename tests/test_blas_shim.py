@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ondevice_lora import blas_shim, fast_blas
+from ondevice_lora.backend import blas_shim, fast_blas
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the shim is for MLX's Linux CPU wheel"
@@ -25,7 +25,7 @@ needs_shim_parts = pytest.mark.skipif(
 # transposes, so every argument of cblas_sgemm is exercised, compared with numpy's BLAS.
 CHILD = """
 import json, numpy as np, mlx.core as mx
-from ondevice_lora.fast_blas import blas_provider
+from ondevice_lora.backend.fast_blas import blas_provider
 rng = np.random.default_rng(0)
 worst = 0.0
 for m, k, n in ((1, 7, 3), (65, 33, 17), (300, 200, 100)):

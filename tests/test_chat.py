@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from ondevice_lora import SamplingConfig, generate, load
-from ondevice_lora.adapter_set import load_adapters, parse_adapter_specs, set_active
-from ondevice_lora.adapters import AdapterError, LoraConfig
-from ondevice_lora.chat_session import ChatSession
+from ondevice_lora.adapters.files import AdapterError, LoraConfig
+from ondevice_lora.adapters.mix import load_adapters, parse_adapter_specs, set_active
 from ondevice_lora.cli import main
 from ondevice_lora.errors import OndeviceLoraError
-from ondevice_lora.generate import encode_prompt
+from ondevice_lora.generation.chat_session import ChatSession
+from ondevice_lora.generation.generate import encode_prompt
 from tests.adapter_fixtures import write_adapter
 from tests.hf_fixtures import write_hf_model
 

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from ondevice_lora.convert import convert, convert_command, summarize
 from ondevice_lora.errors import OndeviceLoraError
 from ondevice_lora.loading import load, load_model
+from ondevice_lora.loading.convert import convert, convert_command, summarize
 from tests.hf_fixtures import write_hf_model
 
 # Both sides run the same quantised kernels on the same stored values; only summation order

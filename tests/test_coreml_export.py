@@ -28,11 +28,11 @@ from converters.coreml.weights import (  # noqa: E402
     rope_tables,
     unpack_codes,
 )
-from ondevice_lora.adapters import LoraConfig, adapter_modules, apply_adapters  # noqa: E402
-from ondevice_lora.fingerprint import base_fingerprint  # noqa: E402
+from ondevice_lora.adapters.files import LoraConfig, adapter_modules, apply_adapters  # noqa: E402
+from ondevice_lora.adapters.fingerprint import base_fingerprint  # noqa: E402
+from ondevice_lora.loading.tokenizer import Tokenizer  # noqa: E402
 from ondevice_lora.models import build_model  # noqa: E402
 from ondevice_lora.models.base import RoPE  # noqa: E402
-from ondevice_lora.tokenizer import Tokenizer  # noqa: E402
 from tests.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 PREFILL, CONTEXT = 16, 128
@@ -316,7 +316,7 @@ def test_cli_exports_an_adapter_and_validates_the_package(tmp_path):
     from click.testing import CliRunner
 
     from converters.coreml.cli import coreml_command
-    from ondevice_lora.adapters import save_adapter
+    from ondevice_lora.adapters.files import save_adapter
     from ondevice_lora.loading import load
     from tests.hf_fixtures import write_hf_model
 

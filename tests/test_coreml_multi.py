@@ -56,11 +56,11 @@ from converters.coreml.swappable import (  # noqa: E402
 )
 from converters.coreml.validate import CoreMLValidationError, validate_package  # noqa: E402
 from converters.coreml.weights import quantize_for_int4  # noqa: E402
-from ondevice_lora.adapters import LoraConfig  # noqa: E402
-from ondevice_lora.defaults import default_model_path  # noqa: E402
+from ondevice_lora.adapters.files import LoraConfig  # noqa: E402
+from ondevice_lora.adapters.fingerprint import base_fingerprint  # noqa: E402
 from ondevice_lora.errors import ModelLoadError  # noqa: E402
-from ondevice_lora.fingerprint import base_fingerprint  # noqa: E402
 from ondevice_lora.loading import load  # noqa: E402
+from ondevice_lora.loading.defaults import default_model_path  # noqa: E402
 from tests.adapter_fixtures import write_adapter  # noqa: E402
 from tests.hf_fixtures import VOCAB_SIZE, write_hf_model  # noqa: E402
 

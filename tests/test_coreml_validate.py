@@ -28,7 +28,7 @@ from converters.coreml.validate import (  # noqa: E402
     compare_logits,
     validate_package,
 )
-from ondevice_lora.adapters import LoraConfig, adapter_modules, apply_adapters  # noqa: E402
+from ondevice_lora.adapters.files import LoraConfig, adapter_modules, apply_adapters  # noqa: E402
 from ondevice_lora.loading import load  # noqa: E402
 from tests.hf_fixtures import VOCAB_SIZE, write_hf_model  # noqa: E402
 

@@ -12,14 +12,13 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from ondevice_lora import fast_blas
-from ondevice_lora.adapters import LoraConfig, apply_adapters, base_fingerprint
-from ondevice_lora.cpu_matmul import (
+from ondevice_lora.adapters.files import LoraConfig, apply_adapters, base_fingerprint
+from ondevice_lora.backend import cpu_attention, fast_blas
+from ondevice_lora.backend.cpu_matmul import (
     MIN_ROWS,
     DequantizedMatmulLinear,
     dequantized_matmuls,
 )
-from ondevice_lora.models import cpu_attention
 from ondevice_lora.models.llama import Model, ModelArgs
 from ondevice_lora.training.step import masked_cross_entropy
 from ondevice_lora.training.trained_positions import SIZES_PER_SHAPE, trained_positions
@@ -223,7 +222,7 @@ def test_reexec_is_refused_when_opted_out_or_already_done(monkeypatch):
 def test_openblas_is_found_and_preloaded_by_reexec():
     assert fast_blas.exports_symbol(OPENBLAS)
     code = (
-        "from ondevice_lora.fast_blas import reexec_with_fast_blas, blas_provider\n"
+        "from ondevice_lora.backend.fast_blas import reexec_with_fast_blas, blas_provider\n"
         "reexec_with_fast_blas()\n"
         "print(blas_provider())\n"
     )

@@ -21,7 +21,7 @@ from ondevice_lora.data import (
     load_datasets,
 )
 from ondevice_lora.errors import OndeviceLoraError
-from ondevice_lora.tokenizer import Tokenizer
+from ondevice_lora.loading.tokenizer import Tokenizer
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ondevice_lora.adapter_set import load_adapters
-from ondevice_lora.adapters import AdapterError, LoraConfig
-from ondevice_lora.convert import (
+from ondevice_lora.adapters.files import AdapterError, LoraConfig
+from ondevice_lora.adapters.fuse import MIN_KEPT_SHARE, FuseLossWarning, fuse, fuse_command
+from ondevice_lora.adapters.mix import load_adapters
+from ondevice_lora.errors import OndeviceLoraError
+from ondevice_lora.loading import load
+from ondevice_lora.loading.convert import (
     load_source,
     model_quantization,
     output_config,
     write_model_folder,
 )
-from ondevice_lora.errors import OndeviceLoraError
-from ondevice_lora.fuse import MIN_KEPT_SHARE, FuseLossWarning, fuse, fuse_command
-from ondevice_lora.loading import load
 from tests.adapter_fixtures import TOKENS, write_adapter, write_bases_with_adapters
 from tests.hf_fixtures import write_hf_model
 
@@ -179,7 +179,7 @@ def test_a_broken_adapter_is_a_clear_error_and_writes_nothing(folders, tmp_path)
     refuses it, with a message rather than a traceback, and no output folder appears."""
     import shutil
 
-    from ondevice_lora.weights import read_safetensors
+    from ondevice_lora.loading.weights import read_safetensors
 
     broken = tmp_path / "broken"
     shutil.copytree(folders["q4/a"], broken)

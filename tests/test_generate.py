@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from ondevice_lora import SamplingConfig, generate, load, stream_generate
 from ondevice_lora.cli import main
 from ondevice_lora.errors import OndeviceLoraError
-from ondevice_lora.generate import generate_tokens, sample
+from ondevice_lora.generation.generate import generate_tokens, sample
 from ondevice_lora.loading import load_model
+from ondevice_lora.loading.tokenizer import Tokenizer
 from ondevice_lora.models.base import make_cache
-from ondevice_lora.tokenizer import Tokenizer
 from tests.hf_fixtures import VOCAB_SIZE, write_hf_model
 
 # A prompt of varied ids, so greedy decoding does not fall straight into a loop.

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from ondevice_lora import SamplingConfig, generate, load
-from ondevice_lora.adapters import LoraConfig, adapter_tensors, apply_adapters, save_adapter
+from ondevice_lora.adapters.files import LoraConfig, adapter_tensors, apply_adapters, save_adapter
+from ondevice_lora.adapters.fingerprint import base_fingerprint
 from ondevice_lora.cli import main
 from ondevice_lora.errors import OndeviceLoraError
-from ondevice_lora.fingerprint import base_fingerprint
 from tests.hf_fixtures import write_hf_model
 
 

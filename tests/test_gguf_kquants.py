@@ -21,8 +21,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ondevice_lora.errors import ModelLoadError
-from ondevice_lora.gguf import load_gguf
-from ondevice_lora.gguf_reader import BLOCKS, TensorInfo, decode_affine, decode_float
+from ondevice_lora.loading import load_gguf
+from ondevice_lora.loading.gguf.reader import BLOCKS, TensorInfo, decode_affine, decode_float
 from tests.test_gguf import write_gguf
 from tests.tiny_tokenizer import CORPUS, write_tiny_tokenizer
 

@@ -16,7 +16,7 @@ import torch
 
 from ondevice_lora.errors import ModelLoadError, TokenizerError
 from ondevice_lora.loading import load, load_model
-from ondevice_lora.weights import INDEX_FILE
+from ondevice_lora.loading.weights import INDEX_FILE
 from tests.hf_fixtures import VARIANTS, write_hf_model
 
 # fp32 on both sides; differences come only from summation order.

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from ondevice_lora.adapters import (
+from ondevice_lora.adapters.files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     AdapterError,
@@ -24,16 +24,16 @@ from ondevice_lora.adapters import (
     load_adapter,
     save_adapter,
 )
-from ondevice_lora.loading import load_model
-from ondevice_lora.lora import (
+from ondevice_lora.adapters.layers import (
     ADAPTER_PARAMETER_NAMES,
     DoRALinear,
     LoRALinear,
     adapter_modules,
     fuse_adapters,
 )
+from ondevice_lora.loading import load_model
+from ondevice_lora.loading.tokenizer import Tokenizer
 from ondevice_lora.models import build_model
-from ondevice_lora.tokenizer import Tokenizer
 from tests.hf_fixtures import write_hf_model
 
 TOKENS = mx.array([[5, 17, 42, 300, 7, 99, 256, 3], [1, 2, 3, 4, 5, 6, 7, 8]])

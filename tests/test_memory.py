@@ -14,9 +14,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from ondevice_lora.adapters import LoraConfig, base_parameters, expected_trainable
+from ondevice_lora.adapters.files import LoraConfig, base_parameters, expected_trainable
+from ondevice_lora.loading.tokenizer import Tokenizer
 from ondevice_lora.models import llama
-from ondevice_lora.tokenizer import Tokenizer
 from ondevice_lora.training import ConfigError, TrainConfig, TrainingCallback, train
 from ondevice_lora.training.memory import estimate_memory, memory_limits
 from tests.tiny_tokenizer import write_tiny_tokenizer

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from converters.formats import export_peft, import_peft
-from ondevice_lora.adapters import LoraConfig, adapter_modules, apply_adapters
-from ondevice_lora.fingerprint import base_fingerprint
-from ondevice_lora.fuse import fuse
-from ondevice_lora.generate import SamplingConfig, generate_tokens
+from ondevice_lora.adapters.files import LoraConfig, adapter_modules, apply_adapters
+from ondevice_lora.adapters.fingerprint import base_fingerprint
+from ondevice_lora.adapters.fuse import fuse
+from ondevice_lora.generation.generate import SamplingConfig, generate_tokens
 from ondevice_lora.loading import load, load_model
 from ondevice_lora.training.step import make_step
 from tests.adapter_fixtures import write_adapter

@@ -19,7 +19,12 @@ from mlx.utils import tree_flatten
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from ondevice_lora.adapters import LoraConfig, adapter_modules, adapter_tensors, apply_adapters
+from ondevice_lora.adapters.files import (
+    LoraConfig,
+    adapter_modules,
+    adapter_tensors,
+    apply_adapters,
+)
 from ondevice_lora.data import iterate_batches
 from ondevice_lora.data.packing import iterate_packed_batches, pack_examples
 from ondevice_lora.loading import load

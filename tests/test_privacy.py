@@ -16,7 +16,7 @@ import pytest
 from dp_accounting import rdp as dp_rdp
 from mlx.utils import tree_flatten, tree_map
 
-from ondevice_lora.adapters import LoraConfig, apply_adapters
+from ondevice_lora.adapters.files import LoraConfig, apply_adapters
 from ondevice_lora.data import DataConfig, load_datasets
 from ondevice_lora.loading import load
 from ondevice_lora.privacy.accountant import dp_sgd_epsilon, noise_for_epsilon

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from ondevice_lora.backend.fast_blas import fast_blas_active, find_openblas, preload_env
 from ondevice_lora.errors import ModelLoadError, OndeviceLoraError
-from ondevice_lora.fact_check import FACTS_FILE, Fact, FactAnswer, read_facts, states_fact
-from ondevice_lora.fast_blas import fast_blas_active, find_openblas, preload_env
 from ondevice_lora.quickstart import (
     FULL,
     QUICK,
@@ -29,6 +28,13 @@ from ondevice_lora.quickstart import (
     run_quickstart,
 )
 from ondevice_lora.quickstart.export import coreml_unavailable_reason
+from ondevice_lora.quickstart.fact_check import (
+    FACTS_FILE,
+    Fact,
+    FactAnswer,
+    read_facts,
+    states_fact,
+)
 from ondevice_lora.quickstart.run import ADAPTER_DIR, REPORT_FILE, _prepare_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +157,7 @@ def test_command_options_and_errors(tmp_path):
 
 
 def _require_default_model():
-    from ondevice_lora.defaults import default_model_path
+    from ondevice_lora.loading.defaults import default_model_path
 
     try:
         default_model_path()

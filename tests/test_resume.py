@@ -48,7 +48,7 @@ def train_args(root: Path, out: Path, *extra: str) -> list[str]:
     """A run that exercises everything a resume must restore: dropout (RNG), gradient
     accumulation, warmup and cosine (optimizer step), several epochs (data position)."""
     return [
-        sys.executable, "-m", "ondevice_lora.training_cli", "train",
+        sys.executable, "-m", "ondevice_lora.training.cli", "train",
         "--model", str(root / "model"), "--data", str(root / "facts"),
         "--adapter-path", str(out), "--iters", str(TOTAL_STEPS),
         "--batch-size", "2", "--grad-accumulation", "2", "--dropout", "0.1",

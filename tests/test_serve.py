@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from ondevice_lora import SamplingConfig, generate, load
-from ondevice_lora.adapters import LoraConfig
+from ondevice_lora.adapters.files import LoraConfig
 from ondevice_lora.cli import main
 from ondevice_lora.serve.app import bind_socket, make_server
 from ondevice_lora.serve.engine import Engine, StopMatcher

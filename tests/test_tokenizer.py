@@ -10,9 +10,9 @@ import pytest
 import tokenizers
 from transformers import AutoTokenizer
 
-from ondevice_lora.chat_template import compile_chat_template, render_chat_template
 from ondevice_lora.errors import TokenizerError
-from ondevice_lora.tokenizer import StreamingDetokenizer, Tokenizer
+from ondevice_lora.loading.chat_template import compile_chat_template, render_chat_template
+from ondevice_lora.loading.tokenizer import StreamingDetokenizer, Tokenizer
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
 SMOLLM2_GGUF = Path(

@@ -17,14 +17,14 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from ondevice_lora.adapters import (
+from ondevice_lora.adapters.files import (
     adapter_tensors,
     base_fingerprint,
     base_parameters,
     load_adapter,
 )
 from ondevice_lora.data import DataConfig, load_datasets
-from ondevice_lora.generate import SamplingConfig, generate
+from ondevice_lora.generation.generate import SamplingConfig, generate
 from ondevice_lora.loading import load
 from ondevice_lora.training import (
     ConfigError,
@@ -34,8 +34,8 @@ from ondevice_lora.training import (
     evaluate_from_config,
     train,
 )
+from ondevice_lora.training.cli import config_from_flags, eval_command, train_command
 from ondevice_lora.training.metrics import read_metrics
-from ondevice_lora.training_cli import config_from_flags, eval_command, train_command
 from tests.hf_fixtures import write_hf_model
 
 # A fictional person. Short answers: a 64-wide random model memorises them in 80 steps.

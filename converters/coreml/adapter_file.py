@@ -24,11 +24,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ondevice_lora.adapters import ADAPTER_WEIGHTS_FILE, read_adapter_config
+from ondevice_lora.adapters.files import ADAPTER_WEIGHTS_FILE, read_adapter_config
+from ondevice_lora.adapters.fingerprint import fingerprint_differences
 from ondevice_lora.atomic import write_atomically
 from ondevice_lora.errors import format_list
-from ondevice_lora.fingerprint import fingerprint_differences
-from ondevice_lora.weights import read_safetensors
+from ondevice_lora.loading.weights import read_safetensors
 
 from .export import CoreMLExportError
 from .swappable import (

@@ -117,7 +117,7 @@ class _ListOptionsCommand(click.Command):
 @user_errors
 def coreml_command(model_name, adapter, adapters, mode, out_path, no_validate, **settings):
     """Export to a stateful Core ML package (prefill + decode) and validate it against MLX."""
-    from ondevice_lora.fingerprint import base_fingerprint
+    from ondevice_lora.adapters.fingerprint import base_fingerprint
     from ondevice_lora.loading import load
 
     from .weights import quantize_for_int4
@@ -161,8 +161,8 @@ def coreml_command(model_name, adapter, adapters, mode, out_path, no_validate, *
 
 
 def _merged(model, tokenizer, adapters, out_path, fingerprint, package, settings):
-    from ondevice_lora.adapters import read_adapter_config
-    from ondevice_lora.lora import adapter_modules
+    from ondevice_lora.adapters.files import read_adapter_config
+    from ondevice_lora.adapters.layers import adapter_modules
 
     from .export import export_coreml
     from .size_report import SizeReport, weight_file_bytes
@@ -212,7 +212,7 @@ def _multifunction(model, tokenizer, adapters, out_path, fingerprint, package, s
 
 
 def _swappable(model, tokenizer, adapters, out_path, fingerprint, package, settings):
-    from ondevice_lora.adapters import read_adapter_config
+    from ondevice_lora.adapters.files import read_adapter_config
 
     from .adapter_file import adapter_inputs, validate_swappable, write_adapter_files
     from .swappable import SwappableLayout, export_swappable
@@ -273,7 +273,7 @@ def _swappable(model, tokenizer, adapters, out_path, fingerprint, package, setti
 @user_errors
 def adapter_command(adapter, package, r_max, targets, out_path):
     """Write an adapter as one file a swappable Core ML package takes as inputs."""
-    from ondevice_lora.adapters import read_adapter_config
+    from ondevice_lora.adapters.files import read_adapter_config
 
     from .adapter_file import file_name, write_adapter_file
     from .export import CoreMLExportError
@@ -312,6 +312,6 @@ def adapter_command(adapter, package, r_max, targets, out_path):
 
 def _validation_prompt(tokenizer, max_tokens: int) -> list[int]:
     """The validation text, in the model's chat template when it has one, cut to fit."""
-    from ondevice_lora.generate import encode_prompt
+    from ondevice_lora.generation.generate import encode_prompt
 
     return encode_prompt(tokenizer, VALIDATION_TEXT)[:max_tokens]

@@ -67,11 +67,11 @@ import coremltools as ct
 import numpy as np
 from coremltools.converters.mil.mil import Program
 
-from ondevice_lora.adapters import LoraConfig
+from ondevice_lora.adapters.files import LoraConfig
+from ondevice_lora.adapters.fingerprint import base_fingerprint
+from ondevice_lora.adapters.layers import adapter_modules
 from ondevice_lora.atomic import write_text_atomically
 from ondevice_lora.errors import OndeviceLoraError
-from ondevice_lora.fingerprint import base_fingerprint
-from ondevice_lora.lora import adapter_modules
 
 from .build import DecoderWeights, LinearWeights, QuantizedWeight, build_program
 from .mil_storage import DECODE_FUNCTION, METADATA_PREFIX, PREFILL_FUNCTION

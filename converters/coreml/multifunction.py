@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ondevice_lora.adapters import check_adapter_base, load_adapter, read_adapter_config
+from ondevice_lora.adapters.files import check_adapter_base, load_adapter, read_adapter_config
+from ondevice_lora.adapters.fingerprint import base_fingerprint
+from ondevice_lora.adapters.layers import adapter_modules, replace_modules, wrapped_modules
 from ondevice_lora.errors import OndeviceLoraError
-from ondevice_lora.fingerprint import base_fingerprint
-from ondevice_lora.lora import adapter_modules, replace_modules, wrapped_modules
 
 from .build import DecoderWeights, LoraBranch, build_program
 from .export import (

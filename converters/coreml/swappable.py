@@ -29,7 +29,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 
-from ondevice_lora.fingerprint import base_fingerprint
+from ondevice_lora.adapters.fingerprint import base_fingerprint
 
 from .build import PROJECTIONS, DecoderWeights, LoraBranch, build_program
 from .export import (

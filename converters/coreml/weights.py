@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ondevice_lora.lora import DoRALinear, LoRALinear, dense_weight, replace_modules
+from ondevice_lora.adapters.layers import DoRALinear, LoRALinear, dense_weight, replace_modules
 from ondevice_lora.models import gemma3
 from ondevice_lora.models.base import RoPE, longrope_settings
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ondevice_lora.adapters import (
+from ondevice_lora.adapters.files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     BASE_KEY,
@@ -28,10 +28,10 @@ from ondevice_lora.adapters import (
     read_adapter_config,
     tensor_mismatches,
 )
+from ondevice_lora.adapters.layers import ADAPTER_DTYPE, ADAPTER_PARAMETER_NAMES
 from ondevice_lora.atomic import write_atomically, write_text_atomically
 from ondevice_lora.errors import format_list
-from ondevice_lora.lora import ADAPTER_DTYPE, ADAPTER_PARAMETER_NAMES
-from ondevice_lora.weights import read_safetensors
+from ondevice_lora.loading.weights import read_safetensors
 
 # A decoder-layer module path: "model.layers.<index>.<path inside the layer>".
 _LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ondevice_lora.adapters import ADAPTER_CONFIG_FILE
+from ondevice_lora.adapters.files import ADAPTER_CONFIG_FILE
+from ondevice_lora.adapters.layers import lora_scale
 from ondevice_lora.atomic import write_atomically
-from ondevice_lora.lora import lora_scale
 
 from .common import (
     AdapterFormatError,
@@ -56,7 +56,7 @@ PERMUTED = {
 def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Reorder each head's rows from Hugging Face's halves to GGML's adjacent pairs.
 
-    The inverse of ondevice_lora.gguf's un-permutation, applied when reading a base GGUF.
+    The inverse of ondevice_lora.loading.gguf's un-permutation, applied when reading a base GGUF.
     """
     head_dim = w.shape[0] // n_heads
     # (rows, r) -> (heads, 2, head_dim/2, r) -> (heads, head_dim/2, 2, r) -> (rows, r)

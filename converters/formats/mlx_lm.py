@@ -17,11 +17,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ondevice_lora.adapters import ALL_LINEAR, AdapterError, LoraConfig
+from ondevice_lora.adapters.files import ALL_LINEAR, AdapterError, LoraConfig
+from ondevice_lora.adapters.layers import lora_scale
 from ondevice_lora.atomic import write_atomically, write_text_atomically
 from ondevice_lora.errors import format_list
-from ondevice_lora.lora import lora_scale
-from ondevice_lora.weights import read_safetensors
+from ondevice_lora.loading.weights import read_safetensors
 
 from .common import (
     AdapterFormatError,

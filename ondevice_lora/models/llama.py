@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..backend.cpu_attention import scaled_dot_product_attention
 from ..errors import ModelLoadError
 from .base import (
     BaseModelArgs,
@@ -22,7 +23,6 @@ from .base import (
     make_segment_mask,
     rope_settings,
 )
-from .cpu_attention import scaled_dot_product_attention
 
 
 @dataclass
@@ -146,7 +146,7 @@ class Attention(nn.Module):
             keys, values = cache.update_and_fetch(keys, values)
 
         # Grouped-query attention: the kernel shares each KV head across its query heads. On CPU
-        # long inputs go block by block, skipping the masked-out half (models/cpu_attention.py).
+        # long inputs go block by block, skipping the masked-out half (backend/cpu_attention.py).
         out = scaled_dot_product_attention(queries, keys, values, self.scale, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, heads * head_dim)
         return self.o_proj(out)

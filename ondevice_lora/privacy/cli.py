@@ -80,7 +80,7 @@ def _orders(text: str) -> list[float]:
 
 
 def _audit_options(command):
-    from ..training_cli import _train_options
+    from ..training.cli import _train_options
 
     command = click.option("--canaries", default=4, show_default=True, help="Secrets planted.")(
         command
@@ -100,7 +100,7 @@ def _audit_options(command):
 @user_errors
 def audit_command(config_file, canaries, digits, repeats, **flags):
     """Plant random secrets in a copy of the data, train, and report each one's exposure."""
-    from ..training_cli import config_from_flags
+    from ..training.cli import config_from_flags
     from .audit import audit, results_table
 
     config = config_from_flags(config_file, flags)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..adapters import read_adapter_config
+from ..adapters.files import read_adapter_config
 from ..loading import load
 
 PACKAGE_NAME = "personal.mlpackage"

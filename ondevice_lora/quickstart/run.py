@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ..atomic import write_text_atomically
-from ..cpu_matmul import cpu_fast_path_available, dequantized_matmuls
+from ..backend.cpu_matmul import cpu_fast_path_available, dequantized_matmuls
+from ..backend.fast_blas import INSTALL_HINT
 from ..data import load_datasets
 from ..errors import OndeviceLoraError, user_errors
-from ..fact_check import FACTS_FILE, FactAnswer, ask, facts_table, read_facts
-from ..fast_blas import INSTALL_HINT
 from ..loading import load
 from ..training import TrainResult, offline, train
 from .export import ExportOutcome, export_adapter
+from .fact_check import FACTS_FILE, FactAnswer, ask, facts_table, read_facts
 from .settings import FULL, QUICK
 
 REPORT_FILE = "quickstart.json"  # also marks a folder as the quickstart's own output

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-from ..adapter_set import parse_adapter_specs
+from ..adapters.mix import parse_adapter_specs
 from ..errors import OndeviceLoraError
 
 
 def base_model_id(name: str | None) -> str:
     """The id the base model is served under: its folder or file name, or the Hub id."""
     if name is None:
-        from ..defaults import default_model_path
+        from ..loading.defaults import default_model_path
 
         name = default_model_path()
     path = Path(name).expanduser()

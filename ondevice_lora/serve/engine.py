@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 
-from ..adapter_set import load_adapters, set_active
+from ..adapters.mix import load_adapters, set_active
 from ..errors import OndeviceLoraError
-from ..generate import TextStream, encode_prompt
+from ..generation.generate import TextStream, encode_prompt
 from .schema import APIError, CompletionRequest
 
 

@@ -15,7 +15,7 @@ import time
 import uuid
 
 from ..errors import OndeviceLoraError
-from ..generate import SamplingConfig
+from ..generation.generate import SamplingConfig
 
 # The API allows at most this many stop sequences.
 MAX_STOP = 4

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..adapters import LoraConfig
+from ..adapters.files import LoraConfig
 from ..data.config import DataConfig
 from ..data.packing import BATCHING
 from ..errors import OndeviceLoraError

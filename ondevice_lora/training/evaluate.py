@@ -145,8 +145,8 @@ def evaluation_data_path(data) -> Path:
 
 def evaluate_from_config(config: EvalConfig) -> EvalResult:
     """Load the base model, measure loss and perplexity on the data, then with the adapter."""
-    from ..adapters import base_fingerprint, load_adapter
-    from ..cpu_matmul import dequantized_matmuls
+    from ..adapters.files import base_fingerprint, load_adapter
+    from ..backend.cpu_matmul import dequantized_matmuls
     from ..loading import load
 
     config.validate()

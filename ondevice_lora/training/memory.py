@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..adapters import LoraConfig, base_parameters, expected_adapter_shapes
+from ..adapters.files import LoraConfig, base_parameters, expected_adapter_shapes
+from ..adapters.layers import ADAPTER_DTYPE
 from ..data.batching import BatchIterator
 from ..data.packing import PackedBatchIterator
-from ..lora import ADAPTER_DTYPE
 
 GB = 1e9
 # Optimiser state per adapter value, in adapter-sized tensors.

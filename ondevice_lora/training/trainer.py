@@ -19,14 +19,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..adapters import (
+from ..adapters.files import (
     ADAPTER_WEIGHTS_FILE,
     adapter_tensors,
     apply_adapters,
     base_fingerprint,
     save_adapter,
 )
-from ..cpu_matmul import dequantized_matmuls
+from ..backend.cpu_matmul import dequantized_matmuls
 from ..data.packing import BATCHING
 from .checkpoint import (
     CheckpointError,

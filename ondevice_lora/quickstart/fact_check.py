@@ -19,8 +19,8 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import OndeviceLoraError
-from .generate import SamplingConfig, generate
+from ..errors import OndeviceLoraError
+from ..generation.generate import SamplingConfig, generate
 
 FACTS_FILE = "facts.json"
 FACT_KEYS = ("fact", "question", "keywords", "answer")  # "fact" (a label) and "answer" optional

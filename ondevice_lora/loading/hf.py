@@ -7,10 +7,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import ModelLoadError, format_list
-from .models import build_model, get_model_module
+from ..errors import ModelLoadError
+from ..models import get_model_module
+from .build import load_model_from_weights
 from .weights import load_weights, read_json
 
 # Files a model folder needs; weights of other formats (.bin, .pth, .gguf) are not fetched.
@@ -61,77 +61,6 @@ def load_config(folder: Path) -> dict:
     return read_json(path)
 
 
-def quantization_of(config: dict) -> dict | None:
-    """The mlx-lm quantisation settings of a config (`quantization`, or its HF-side copy)."""
-    quant = config.get("quantization") or config.get("quantization_config")
-    if quant and "bits" in quant and "group_size" in quant:
-        return quant
-    return None
-
-
-def quantize_to_match(model: nn.Module, quant: dict, weights: dict) -> None:
-    """Turn exactly the layers stored quantised in `weights` into quantised layers, in place.
-
-    mlx-lm folders may quantise some layers differently, or not at all: a per-layer entry in the
-    config, keyed by module path, overrides the global settings; `false` leaves a layer alone.
-    """
-    defaults = {
-        "group_size": quant["group_size"],
-        "bits": quant["bits"],
-        "mode": quant.get("mode", "affine"),
-    }
-
-    def settings(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
-            return False
-        override = quant.get(path)
-        if override is False:
-            return False
-        return {**defaults, **override} if isinstance(override, dict) else dict(defaults)
-
-    nn.quantize(model, class_predicate=settings)
-
-
-def check_weights(model: nn.Module, weights: dict[str, mx.array], source) -> None:
-    """Raise once, listing every missing, unexpected and misshapen weight."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    misshapen = [
-        f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in weights and weights[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {format_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {format_list(unexpected)}")
-    if misshapen:
-        problems.append(f"misshapen {len(misshapen)}: {format_list(misshapen)}")
-    if problems:
-        raise ModelLoadError(
-            f"{source}: the weights do not fit the model its config describes "
-            f"({model.args.model_type}, {model.args.num_hidden_layers} layers, hidden "
-            f"{model.args.hidden_size}):\n  " + "\n  ".join(problems) + "\n"
-            "Check that the config belongs to these weights."
-        )
-
-
-def load_model_from_weights(config: dict, weights: dict[str, mx.array], source) -> nn.Module:
-    """Build the model `config` describes and fill it with `weights`, quantised ones staying so."""
-    model = build_model(config, source=f"{source}")
-    weights = model.sanitize(weights)
-    quant = quantization_of(config)
-    if quant is not None:
-        quantize_to_match(model, quant, weights)
-    check_weights(model, weights, source)
-    model.update(tree_unflatten(list(weights.items())))
-    mx.eval(model.parameters())
-    model.eval()
-    return model
-
-
 def load_model(folder: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Load the model of a Hugging Face or mlx-lm folder; returns (model, config)."""
     folder = Path(folder)
@@ -142,6 +71,19 @@ def load_model(folder: str | os.PathLike) -> tuple[nn.Module, dict]:
     return model, config
 
 
+def load_gguf(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
+    """Load a GGUF file; returns (model, tokenizer, config).
+
+    Layers stored in a 4-bit or 8-bit type MLX holds exactly stay quantised; `dtype` is the type
+    of everything floating (see gguf.read_gguf_model). config is the Hub-style config.json dict
+    the model was built from, with mlx-lm's `quantization` entry when a layer is quantised.
+    """
+    from .gguf import read_gguf_model
+
+    config, weights, tokenizer = read_gguf_model(path, dtype)
+    return load_model_from_weights(config, weights, source=Path(path)), tokenizer, config
+
+
 def load(name: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None):
     """Load (model, tokenizer) from a folder, a .gguf file or a Hub id; None: the built-in default.
 
@@ -149,8 +91,8 @@ def load(name: str | os.PathLike | None = None, adapter: str | os.PathLike | Non
     """
     model, tokenizer = _load_base(name)
     if adapter is not None:
-        from .adapters import load_adapter
-        from .fingerprint import base_fingerprint
+        from ..adapters.files import load_adapter
+        from ..adapters.fingerprint import base_fingerprint
 
         load_adapter(model, adapter, base_fingerprint(model, tokenizer))
         model.eval()
@@ -171,8 +113,6 @@ def _load_base(name):
                 f"{path}: a model is a folder (config.json, *.safetensors, tokenizer.json) "
                 "or a .gguf file."
             )
-        from .gguf import load_gguf
-
         model, tokenizer, _ = load_gguf(path)
         return model, tokenizer
     model, _ = load_model(path)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from .adapter_set import Active, active_adapters, set_active
-from .errors import OndeviceLoraError
+from ..adapters.mix import Active, active_adapters, set_active
+from ..errors import OndeviceLoraError
+from ..models.base import make_cache
 from .generate import GenerationStats, SamplingConfig, TextStream, encode_prompt
-from .models.base import make_cache
 
 
 @dataclasses.dataclass

@@ -20,11 +20,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import ModelLoadError
-from .gguf_reader import GROUP_SIZE, KEPT_QUANTISED, GGUFFile, decode_affine, decode_float
-from .gguf_tokenizer import gguf_tokenizer
-from .loading import load_model_from_weights
-from .models.base import RoPE, _llama3_periods
+from ...errors import ModelLoadError
+from ...models.base import RoPE, _llama3_periods
+from .reader import GROUP_SIZE, KEPT_QUANTISED, GGUFFile, decode_affine, decode_float
+from .tokenizer import gguf_tokenizer
 
 # GGUF tensor names -> Hub names: per decoder block, then the tensors outside the blocks.
 _LLAMA_BLOCK = {
@@ -83,11 +82,12 @@ SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 
 
-def load_gguf(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
-    """Load a GGUF file; returns (model, tokenizer, config).
+def read_gguf_model(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
+    """Read a GGUF file as a model's parts; returns (config, weights, tokenizer).
 
-    Q4_0, Q4_1, Q4_K and Q8_0 tensors stay quantised: their layers become QuantizedLinear /
-    QuantizedEmbedding. Q5_K and Q6_K tensors are de-quantised, with a note on stderr. `dtype` is
+    Q4_0, Q4_1, Q4_K and Q8_0 tensors stay quantised: (weight, scales, biases) triples that
+    loading/build.py makes QuantizedLinear / QuantizedEmbedding layers of. Q5_K and Q6_K tensors
+    are de-quantised, with a note on stderr. `dtype` is
     the floating type of the scales, biases and unquantised tensors: float32 by default, which
     holds every GGUF block type's scales exactly and in which MLX's CPU backend computes; pass
     mx.float16 to save memory. config is the Hub-style config.json dict the model was built
@@ -117,8 +117,7 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
     quant = quantization_config(weights)
     if quant is not None:
         config["quantization"] = quant
-    model = load_model_from_weights(config, weights, source=path)
-    return model, gguf_tokenizer(metadata, path), config
+    return config, weights, gguf_tokenizer(metadata, path)
 
 
 def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelLoadError
+from ...errors import ModelLoadError
 
 GROUP_SIZE = 32  # MLX group size for every type kept quantised
 QK_K = 256  # weights per K-quant super-block

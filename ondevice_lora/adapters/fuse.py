@@ -8,7 +8,7 @@ thresholds (MIN_KEPT_SHARE, MAX_EFFECT_ERROR in fuse_report.py), saying what to 
 - per layer, the share of the update ΔW that is still in the stored weights;
 - on a few sample texts, how far the fused model's logits are from base + adapter.
 
-The folder is mlx-lm's layout (see convert.py), re-quantised with each layer's own group size
+The folder is mlx-lm's layout (see loading/convert.py), re-quantised with each layer's own group size
 and bits, or de-quantised to float16, bfloat16 or float32; mlx-lm and `load` both read it.
 """
 
@@ -23,14 +23,9 @@ import click
 import mlx.core as mx
 import mlx.nn as nn
 
-from .adapter_set import (
-    MultiAdapterLinear,
-    load_adapters,
-    multi_adapter_modules,
-    names_for,
-    set_active,
-)
-from .convert import (
+from ..errors import OndeviceLoraError, user_errors
+from ..loading import resolve_model_path
+from ..loading.convert import (
     DTYPES,
     check_not_source,
     check_out_folder,
@@ -41,7 +36,6 @@ from .convert import (
     source_dtype,
     write_model_folder,
 )
-from .errors import OndeviceLoraError, user_errors
 from .fuse_report import (
     MAX_EFFECT_ERROR,
     MIN_KEPT_SHARE,
@@ -51,8 +45,14 @@ from .fuse_report import (
     loss_warnings,
     print_report,
 )
-from .loading import resolve_model_path
-from .lora import dense_weight, fold_weight, replace_modules
+from .layers import dense_weight, fold_weight, replace_modules
+from .mix import (
+    MultiAdapterLinear,
+    load_adapters,
+    multi_adapter_modules,
+    names_for,
+    set_active,
+)
 
 # The public API; the report's types and thresholds are re-exported so one import serves.
 __all__ = [

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import OndeviceLoraError
+from ..errors import OndeviceLoraError
 
 # The adapter's own tensors, by attribute name: every reader and writer of adapters uses these.
 ADAPTER_PARAMETER_NAMES = ("lora_a", "lora_b", "magnitude")

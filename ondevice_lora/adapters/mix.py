@@ -29,16 +29,16 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .adapters import (
+from ..errors import format_list
+from .files import (
     AdapterError,
     check_adapter_base,
     read_adapter_config,
     read_adapter_tensors,
     resolve_targets,
 )
-from .errors import format_list
 from .fingerprint import base_fingerprint
-from .lora import (
+from .layers import (
     ADAPTER_DTYPE,
     AdapterWrapper,
     adapter_modules,

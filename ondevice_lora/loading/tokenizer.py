@@ -15,8 +15,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, processors
 
+from ..errors import TokenizerError
 from .chat_template import SPECIAL_TOKEN_KEYS, render_chat_template
-from .errors import TokenizerError
 
 # Keys of tokenizer_config.json that save() writes itself; every other key is carried over.
 _REWRITTEN_KEYS = {"tokenizer_class", "auto_map", "chat_template", "added_tokens_decoder"}

@@ -16,7 +16,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 # Named special tokens a template may refer to (`{{ bos_token }}`), as transformers names them.
 SPECIAL_TOKEN_KEYS = (

@@ -14,8 +14,8 @@ import warnings
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 
-from .errors import TokenizerError
-from .tokenizer import Tokenizer
+from ...errors import TokenizerError
+from ..tokenizer import Tokenizer
 
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types

@@ -12,9 +12,9 @@ import sys
 
 import click
 
-from .adapter_set import active_adapters, adapter_names, load_adapters, parse_adapter_specs
+from ..adapters.mix import active_adapters, adapter_names, load_adapters, parse_adapter_specs
+from ..errors import OndeviceLoraError
 from .chat_session import ChatSession
-from .errors import OndeviceLoraError
 from .generate import SamplingConfig
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
@@ -166,7 +166,7 @@ def chat_command(model_name, adapters, system, greedy, temperature, top_p, max_t
 
     The KV cache is kept between turns, so each turn reads only its new tokens.
     """
-    from .loading import load
+    from ..loading import load
 
     if greedy and temperature not in (None, 0):
         raise click.UsageError("--greedy and --temperature contradict each other; pass one.")

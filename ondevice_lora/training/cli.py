@@ -3,7 +3,7 @@
 `train` has one flag per TrainConfig field, generated from the dataclass (so a new field is a
 new flag), plus `--config file.yaml`. Defaults, then the file, then the flags fill the one
 TrainConfig. Registered on the main group by cli.py as `train_command` and `eval_command`;
-`python -m ondevice_lora.training_cli` runs them on their own.
+`python -m ondevice_lora.training.cli` runs them on their own.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import click
 import yaml
 
-from .errors import user_errors
-from .training.config import TrainConfig
-from .training.evaluate import EvalConfig
+from ..errors import user_errors
+from .config import TrainConfig
+from .evaluate import EvalConfig
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -90,8 +90,8 @@ def train_command(config_file, **flags):
     With --workers N, N processes on this machine each train on 1/N of every batch (MLX's ring
     backend on 127.0.0.1); with --hostfile, the machines it lists do (through mlx.launch).
     """
-    from .training import distributed
-    from .training.api import train_from_config
+    from . import distributed
+    from .api import train_from_config
 
     config = config_from_flags(config_file, flags)
     if not distributed.launched() and (config.workers > 1 or config.hostfile):
@@ -117,7 +117,7 @@ def train_command(config_file, **flags):
 
 def _train_distributed(config: TrainConfig) -> None:
     """Start the ranks of a distributed run and wait for them (rank 0 prints the results)."""
-    from .training import distributed
+    from . import distributed
 
     if config.hostfile:
         # Every machine reads the same command line; paths must exist on each of them.
@@ -165,7 +165,7 @@ _EVAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
 @user_errors
 def eval_command(**options):
     """Loss and perplexity on a test set, with and without the adapter."""
-    from .training.evaluate import evaluate_from_config
+    from .evaluate import evaluate_from_config
 
     result = evaluate_from_config(EvalConfig(**options))
     click.echo(result.summary())
@@ -173,7 +173,7 @@ def eval_command(**options):
 
 @click.group()
 def _standalone():
-    """train and eval, for `python -m ondevice_lora.training_cli`."""
+    """train and eval, for `python -m ondevice_lora.training.cli`."""
 
 
 _standalone.add_command(train_command)

@@ -18,10 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .atomic import write_atomically
-from .errors import OndeviceLoraError, format_list
+from ..atomic import write_atomically
+from ..errors import OndeviceLoraError, format_list
+from ..loading.weights import read_safetensors
 from .fingerprint import base_fingerprint, fingerprint_differences
-from .lora import (
+from .layers import (
     AdapterWrapper,
     DoRALinear,
     LoRALinear,
@@ -33,9 +34,8 @@ from .lora import (
     replace_modules,
     wrapped_modules,
 )
-from .weights import read_safetensors
 
-# The public API; the model-level helpers of lora.py are re-exported so one import serves.
+# The public API; the model-level helpers of layers.py are re-exported so one import serves.
 __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",

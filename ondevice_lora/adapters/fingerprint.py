@@ -14,7 +14,7 @@ import json
 
 import mlx.nn as nn
 
-from .lora import base_parameters
+from .layers import base_parameters
 
 # ModelArgs fields that change what the base computes. Parameter names and shapes are hashed
 # separately; max_position_embeddings is left out since it changes nothing about the weights.

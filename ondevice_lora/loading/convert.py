@@ -20,8 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import OndeviceLoraError, format_list, user_errors
-from .loading import load_config, load_model, resolve_model_path
+from ..errors import OndeviceLoraError, format_list, user_errors
+from .hf import load_config, load_model, resolve_model_path
 from .weights import INDEX_FILE, read_json, save_weights, write_json
 
 BITS = (4, 8)
@@ -150,7 +150,7 @@ def load_source(path: Path):
     from .tokenizer import Tokenizer
 
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf import load_gguf
+        from .hf import load_gguf
 
         net, tokenizer, config = load_gguf(path)
         return net, tokenizer, dict(config)

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .errors import OndeviceLoraError
-from .models.base import make_cache
-from .tokenizer import StreamingDetokenizer
+from ..errors import OndeviceLoraError
+from ..loading.tokenizer import StreamingDetokenizer
+from ..models.base import make_cache
 
 
 @dataclasses.dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .atomic import write_atomically, write_text_atomically
-from .errors import ModelLoadError, format_list
+from ..atomic import write_atomically, write_text_atomically
+from ..errors import ModelLoadError, format_list
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
