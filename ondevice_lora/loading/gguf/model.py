@@ -1,8 +1,9 @@
 """Load GGUF files (llama.cpp's format) as our MLX models, still quantised where MLX can hold it.
 
-`gguf_reader` parses the file and decodes its blocks. Q4_0, Q4_1, Q4_K and Q8_0 tensors become
-MLX affine-quantised triples (`.weight` uint32 codes, `.scales`, `.biases`, 32 weights per
-group) with the same values; Q5_K and Q6_K are de-quantised (a note says which). We rename the
+`reader` parses the file and decodes its blocks. Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0
+tensors become MLX affine-quantised triples (`.weight` uint32 codes, `.scales`, `.biases`, 32
+weights per group) with the same values; Q2_K, Q3_K, Q6_K, IQ4_NL and IQ4_XS are de-quantised
+(a note says how many and what it costs). We rename the
 tensors to the Hub's names, undo the row order llama.cpp's converter gives Llama's query and key
 projections, describe the model with a Hub-style config.json dict, and rebuild the tokenizer
 from the vocabulary stored in the file (byte-level BPE or SentencePiece).
@@ -22,7 +23,15 @@ import numpy as np
 
 from ...errors import ModelLoadError
 from ...models.base import RoPE, _llama3_periods
-from .reader import GROUP_SIZE, KEPT_QUANTISED, GGUFFile, decode_affine, decode_float
+from .reader import (
+    BLOCKS,
+    GROUP_SIZE,
+    KEPT_QUANTISED,
+    WHY_DEQUANTISED,
+    GGUFFile,
+    decode_affine,
+    decode_float,
+)
 from .tokenizer import gguf_tokenizer
 
 # GGUF tensor names -> Hub names: per decoder block, then the tensors outside the blocks.
@@ -85,10 +94,10 @@ _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 def read_gguf_model(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
     """Read a GGUF file as a model's parts; returns (config, weights, tokenizer).
 
-    Q4_0, Q4_1, Q4_K and Q8_0 tensors stay quantised: (weight, scales, biases) triples that
-    loading/build.py makes QuantizedLinear / QuantizedEmbedding layers of. Q5_K and Q6_K tensors
-    are de-quantised, with a note on stderr. `dtype` is
-    the floating type of the scales, biases and unquantised tensors: float32 by default, which
+    Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0 tensors stay quantised: (weight, scales,
+    biases) triples that loading/build.py makes QuantizedLinear / QuantizedEmbedding layers of.
+    Q2_K, Q3_K, Q6_K, IQ4_NL and IQ4_XS tensors are de-quantised, with a note on stderr. `dtype`
+    is the floating type of the scales, biases and unquantised tensors: float32 by default, which
     holds every GGUF block type's scales exactly and in which MLX's CPU backend computes; pass
     mx.float16 to save memory. config is the Hub-style config.json dict the model was built
     from, with a `quantization` entry in mlx-lm's format when any layer is quantised.
@@ -103,7 +112,7 @@ def read_gguf_model(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
             f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}."
         )
     gguf.check_types()
-    tensors = read_tensors(gguf)
+    tensors = read_tensors(gguf, dtype)
     rope_freqs = tensors.pop("rope_freqs.weight", None)
     config = gguf_config(metadata, tensors, path)
     if "rope_factors_short.weight" in tensors:  # Phi-3 long-context models: LongRoPE
@@ -127,9 +136,10 @@ def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
     return read_tensors(gguf), gguf.metadata
 
 
-def read_tensors(gguf: GGUFFile) -> dict[str, mx.array]:
-    """Every tensor as MLX arrays: kept-quantised ones as (weight, scales, biases) triples."""
-    tensors, dequantised = {}, Counter()
+def read_tensors(gguf: GGUFFile, dtype: mx.Dtype = mx.float32) -> dict[str, mx.array]:
+    """Every tensor as MLX arrays: kept-quantised ones as (weight, scales, biases) triples.
+    `dtype` is only for the note's memory figure: de-quantised tensors will be held in it."""
+    tensors, dequantised, stored = {}, Counter(), Counter()
     for name, t in gguf.tensors.items():
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if t.type_name in KEPT_QUANTISED and base is not None and len(t.shape) == 2:
@@ -140,16 +150,29 @@ def read_tensors(gguf: GGUFFile) -> dict[str, mx.array]:
             continue
         if t.type_name not in ("F32", "F16", "BF16"):
             dequantised[t.type_name] += 1
+            stored[t.type_name] += t.data.nbytes
         tensors[name] = mx.array(decode_float(t))
     if dequantised:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(dequantised.items()))
-        print(
-            f"note: {gguf.path.name}: de-quantised {kinds} tensor(s) to floats: MLX's 4-bit "
-            "and 8-bit affine grid (groups of 32) cannot hold those blocks exactly (Q6_K "
-            "scales cover 16 weights; Q5_K is 5-bit). Those layers take more memory.",
-            file=sys.stderr,
-        )
+        print(dequantised_note(gguf, dequantised, stored, dtype), file=sys.stderr)
     return tensors
+
+
+def dequantised_note(gguf: GGUFFile, counts: Counter, stored: Counter, dtype: mx.Dtype) -> str:
+    """One line: how many tensors of which types were de-quantised, why, and the memory cost."""
+    kinds = ", ".join(
+        f"{n} {kind} ({WHY_DEQUANTISED.get(kind, 'not an affine grid of 32')})"
+        for kind, n in sorted(counts.items())
+    )
+    before = sum(stored.values())
+    # Weights = bytes / block bytes * weights per block; as floats each takes dtype.size bytes.
+    weights = sum(stored[kind] // BLOCKS[kind][1] * BLOCKS[kind][0] for kind in stored)
+    after = weights * dtype.size
+    return (
+        f"note: {gguf.path.name}: de-quantised {sum(counts.values())} tensor(s) to "
+        f"{str(dtype).removeprefix('mlx.core.')}, as MLX's affine grid (groups of 32 or more) "
+        f"cannot hold them exactly: {kinds}. They take {after / 2**20:.1f} MiB in memory "
+        f"instead of {before / 2**20:.1f} MiB in the file (+{(after - before) / 2**20:.1f} MiB)."
+    )
 
 
 def llama3_scaling_from_factors(factors: np.ndarray, config: dict, source) -> dict:

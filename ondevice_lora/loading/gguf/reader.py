@@ -1,15 +1,16 @@
 """Read GGUF files (llama.cpp's format) with numpy: metadata, tensor table and block decoders.
 
 MLX's own reader takes only Q4_0/Q4_1/Q8_0/F16/F32, but most on-device downloads are K-quants
-(Q4_K_M mixes Q4_K with Q6_K). We parse the file ourselves (memory-mapped, nothing is copied
-until a tensor is decoded) and turn each tensor into either
+(Q4_K_M mixes Q4_K with Q6_K, and falls back to Q5_0 for matrices whose width is not a multiple
+of 256). We parse the file ourselves (memory-mapped, nothing is copied until a tensor is decoded)
+and turn each tensor into either
 
 - an MLX affine-quantised triple (codes packed in uint32, scales, biases; 32 weights per group)
-  when MLX's grid `w = scale * q + bias` represents the block exactly: Q4_0, Q4_1, Q4_K (4-bit)
-  and Q8_0 (8-bit), or
-- a de-quantised float array when it does not: Q5_K and Q6_K (Q6_K's scales cover 16 weights,
-  finer than MLX's smallest group of 32; Q5_K's 5-bit codes are exact in MLX's grid too, but
-  our converters and fused exports handle only 4- and 8-bit layers).
+  when MLX's grid `w = scale * q + bias` represents the block exactly: Q4_0, Q4_1, Q4_K (4-bit),
+  Q5_0, Q5_1, Q5_K (5-bit) and Q8_0 (8-bit); our own decoders, since they must keep the codes, or
+- a de-quantised float array when it does not: Q2_K, Q3_K and Q6_K (their scales cover 16
+  weights, finer than MLX's smallest group of 32) and IQ4_NL, IQ4_XS (a non-linear code table).
+  These go through the `gguf` package's de-quantisers, llama.cpp's own numpy reference.
 
 Layouts are ggml's (ggml-common.h): a tensor's first dimension (ne[0]) is the contiguous one, so
 a GGUF shape (in, out) is the Hub's (out, in).
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
+from gguf.quants import dequantize
 
 from ...errors import ModelLoadError
 
@@ -40,10 +43,23 @@ TYPE_NAMES = {
 # (weights per block, bytes per block) of the types we decode.
 BLOCKS = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20),
-    "Q8_0": (32, 34), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34), "Q2_K": (256, 84),
+    "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
 }  # fmt: skip
 SUPPORTED_TYPES = tuple(BLOCKS)
-KEPT_QUANTISED = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q8_0": 8}  # type -> MLX bits
+# type -> MLX bits (groups of 32)
+KEPT_QUANTISED = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
+# Why MLX's affine grid cannot hold the de-quantised types, for the note that names them.
+WHY_DEQUANTISED = {
+    "Q2_K": "scales per 16 weights",
+    "Q3_K": "scales per 16 weights",
+    "Q6_K": "scales per 16 weights",
+    "IQ4_NL": "a non-linear code table",
+    "IQ4_XS": "a non-linear code table",
+}
+# llama.cpp presets (general.file_type) whose every tensor type we read, to suggest instead.
+READABLE_PRESETS = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "IQ4_XS", "Q3_K_M", "F16")
 
 # GGUF metadata value types -> struct formats (strings and arrays are handled apart).
 _SCALARS = {
@@ -153,19 +169,32 @@ class GGUFFile:
             data = np.frombuffer(self._map, np.uint8, size, start + offset)
             self.tensors[name] = TensorInfo(name, shape, type_name, data)
 
+    def preset(self) -> str | None:
+        """llama.cpp's preset the file was quantised with (general.file_type), e.g. Q4_K_M."""
+        kind = self.metadata.get("general.file_type")
+        try:
+            return LlamaFileType(kind).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            return None
+
     def check_types(self) -> None:
-        """Refuse, naming each, tensors of types we do not decode (Q2_K, Q3_K, i-quants...)."""
+        """Refuse, naming each, tensors of types we do not decode (IQ1-IQ3, TQ1_0, TQ2_0...)."""
         unknown = [t for t in self.tensors.values() if t.type_name not in BLOCKS]
-        if unknown:
-            listed = ", ".join(f"{t.name} ({t.type_name})" for t in unknown[:5])
-            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-            iquant = any(t.type_name.startswith(("IQ", "TQ")) for t in unknown)
-            hint = " i-quants and ternary types are not read;" if iquant else ""
-            raise ModelLoadError(
-                f"{self.path}: holds tensors of types this loader does not read: {listed}{more}."
-                f"{hint} supported types: {', '.join(SUPPORTED_TYPES)}. Use a file quantised "
-                "as Q4_K_M, Q4_0 or Q8_0 (or F16), or the Hugging Face checkpoint."
-            )
+        if not unknown:
+            return
+        listed = ", ".join(f"{t.name} ({t.type_name})" for t in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        kinds = sorted({t.type_name for t in unknown})
+        preset = self.preset()
+        # Never suggest the preset the file already has: its types are the ones we refuse.
+        others = [p for p in READABLE_PRESETS if p != preset]
+        made = f" (llama.cpp preset {preset}, its general.file_type)" if preset else ""
+        raise ModelLoadError(
+            f"{self.path}{made} holds {len(unknown)} tensor(s) of types this loader does not "
+            f"read ({', '.join(kinds)}): {listed}{more}. Readable types: "
+            f"{', '.join(SUPPORTED_TYPES)}. Use a file quantised with a preset whose types all "
+            f"load ({', '.join(others)}), or the Hugging Face checkpoint."
+        )
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -177,11 +206,39 @@ def _f16(raw: np.ndarray) -> np.ndarray:
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, columns) codes -> MLX's packing: uint32 words, code i at bits (i % per) * bits."""
+    """(rows, columns) codes -> MLX's packing: a little-endian bit stream in uint32 words, code i
+    at bits i * bits .. i * bits + bits - 1 (for 4 and 8 bits: whole codes within each word)."""
     codes = codes.astype(np.uint8)
+    if bits in (4, 8):  # whole codes per byte: skip the bit stream (embeddings are large)
+        packed = codes if bits == 8 else codes[:, 0::2] | (codes[:, 1::2] << 4)
+        return np.ascontiguousarray(packed).view("<u4")
+    rows = codes.shape[0]
+    stream = np.unpackbits(codes[..., None], axis=-1, bitorder="little")
+    stream = stream[..., :bits].reshape(rows, -1)  # (rows, columns * bits)
+    return np.ascontiguousarray(np.packbits(stream, axis=1, bitorder="little")).view("<u4")
+
+
+def _unpack(words: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of _pack: (rows, columns * bits / 32) uint32 words -> (rows, columns) codes."""
+    rows, raw = words.shape[0], words.view(np.uint8)
+    if bits == 8:
+        return raw
     if bits == 4:
-        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return np.ascontiguousarray(codes).view("<u4")
+        return np.stack([raw & 15, raw >> 4], axis=2).reshape(rows, -1)
+    stream = np.unpackbits(raw, axis=1, bitorder="little")
+    weights = (1 << np.arange(bits, dtype=np.uint8))[None, None, :]
+    return (stream.reshape(rows, -1, bits) * weights).sum(axis=2, dtype=np.uint8)
+
+
+def _low_high_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) bytes -> (n, 32) codes: weights 0-15 are the low nibbles, 16-31 the high ones."""
+    return np.concatenate([qs & 15, qs >> 4], axis=1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1: (n, 4) bytes, a little-endian uint32 -> (n, 32) codes' bit 4 (weight j's is
+    bit j), already shifted into place."""
+    return np.unpackbits(qh, axis=1, bitorder="little") << 4
 
 
 def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -209,27 +266,37 @@ def decode_affine(t: TensorInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray, in
     rows, columns = t.shape[0], int(np.prod(t.shape[1:]))
     per_block, block_bytes = BLOCKS[t.type_name]
     blocks = t.data.reshape(-1, block_bytes)
-    if t.type_name in ("Q4_0", "Q4_1"):
+    name = t.type_name
+    if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         d = _f16(blocks[:, 0:2])
-        if t.type_name == "Q4_0":  # w = d * (q - 8)
-            qs, bias = blocks[:, 2:], -8.0 * d
-        else:  # w = d * q + m
-            qs, bias = blocks[:, 4:], _f16(blocks[:, 2:4])
-        # Weights 0-15 are the low nibbles of the 16 bytes, 16-31 the high ones.
-        codes = np.concatenate([qs & 15, qs >> 4], axis=1)
-        scales, biases = d, bias
-    elif t.type_name == "Q8_0":  # w = d * q, q signed: codes q + 128, bias -128 d
+        if name == "Q4_0":  # w = d * (q - 8)
+            codes, biases = _low_high_nibbles(blocks[:, 2:]), -8.0 * d
+        elif name == "Q4_1":  # w = d * q + m
+            codes, biases = _low_high_nibbles(blocks[:, 4:]), _f16(blocks[:, 2:4])
+        elif name == "Q5_0":  # w = d * (q - 16); 4 bytes of fifth bits, then the nibbles
+            codes = _low_high_nibbles(blocks[:, 6:]) | _fifth_bits(blocks[:, 2:6])
+            biases = -16.0 * d
+        else:  # Q5_1: w = d * q + m
+            codes = _low_high_nibbles(blocks[:, 8:]) | _fifth_bits(blocks[:, 4:8])
+            biases = _f16(blocks[:, 2:4])
+        scales = d
+    elif name == "Q8_0":  # w = d * q, q signed: codes q + 128, bias -128 d
         d = _f16(blocks[:, 0:2])
         codes = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
         scales, biases = d, -128.0 * d
-    elif t.type_name == "Q4_K":  # 8 groups of 32: w = d * scale_j * q - dmin * min_j
+    elif name in ("Q4_K", "Q5_K"):  # 8 groups of 32: w = d * scale_j * q - dmin * min_j
         d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
         sc, mn = _k_scales_mins(blocks[:, 4:16])
-        codes = _q4_k_codes(blocks[:, 16:])
+        if name == "Q4_K":
+            codes = _q4_k_codes(blocks[:, 16:])
+        else:  # Q4_K's layout plus a fifth bit: bit j of qh[l] for weight l of group j
+            qh = blocks[:, 16:48]  # (n, 32)
+            high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+            codes = _q4_k_codes(blocks[:, 48:]).reshape(-1, 8, 32) | (high << 4)  # (n, 8, 32)
         scales, biases = d[:, None] * sc, -(dmin[:, None] * mn)
     else:
-        raise AssertionError(t.type_name)
-    bits = KEPT_QUANTISED[t.type_name]
+        raise AssertionError(name)
+    bits = KEPT_QUANTISED[name]
     groups = columns // GROUP_SIZE
     codes = _pack(codes.reshape(rows, columns), bits)
     return (
@@ -252,32 +319,10 @@ def decode_float(t: TensorInfo) -> np.ndarray:
     if name in KEPT_QUANTISED:
         codes, scales, biases, bits = decode_affine(t)
         rows = codes.shape[0]
-        per_word = 32 // bits
-        shifts = np.arange(per_word, dtype=np.uint32) * bits
-        q = ((codes[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(rows, -1, GROUP_SIZE)
+        q = _unpack(codes, bits).reshape(rows, -1, GROUP_SIZE)
         w = q.astype(np.float32) * scales[:, :, None] + biases[:, :, None]
         return w.reshape(t.shape)
-    blocks = t.data.reshape(-1, BLOCKS[name][1])
-    if name == "Q5_K":  # Q4_K's layout plus a fifth bit: bit j of qh[l] for weight l of group j
-        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
-        sc, mn = _k_scales_mins(blocks[:, 4:16])
-        qh = blocks[:, 16:48]  # (n, 32)
-        high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, 8, 32)
-        q = _q4_k_codes(blocks[:, 48:]).reshape(-1, 8, 32) | (high << 4)
-        w = q * (d[:, None] * sc)[:, :, None] - (dmin[:, None] * mn)[:, :, None]
-    elif name == "Q6_K":  # 16 groups of 16, signed 6-bit codes with int8 scales
-        ql, qh = blocks[:, 0:128], blocks[:, 128:192]
-        sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
-        d = _f16(blocks[:, 208:210])
-        # Each half (128 weights) takes 64 bytes of ql and 32 of qh. Its 4 runs of 32 weights:
-        # run k's low four bits are nibble k // 2 of ql bytes (k % 2) * 32 .. + 31, its top
-        # two bits are bits 2k, 2k+1 of the 32 qh bytes.
-        ql = ql.reshape(-1, 2, 2, 32)  # (n, half, k % 2, 32)
-        low = np.stack([ql & 15, ql >> 4], axis=2).reshape(-1, 2, 4, 32)  # run k = 2*nib + k%2
-        shifts = (np.arange(4, dtype=np.uint8) * 2)[None, None, :, None]
-        top = (qh.reshape(-1, 2, 1, 32) >> shifts) & 3  # (n, half, 4, 32)
-        q = (low | (top << 4)).astype(np.float32) - 32
-        w = q.reshape(-1, 16, 16) * (d[:, None] * sc)[:, :, None]
-    else:
-        raise AssertionError(name)
+    # The rest only de-quantise: llama.cpp's own numpy reference does it.
+    rows = t.shape[0] if t.shape else 1
+    w = dequantize(t.data.reshape(rows, -1), GGMLQuantizationType[name])
     return w.astype(np.float32).reshape(t.shape)
