@@ -1,0 +1,246 @@
+"""The real checkpoints (tests/real_models.py): the built-in SmolLM2-135M (Q4_1 GGUF) and Gemma 3
+270M Q4_K_M (Q4_K, Q5_0 for its 640-wide matrices, Q6_K, Q8_0), end to end.
+
+For each: logits against transformers' own GGUF loader (it de-quantises with gguf-py; fp32),
+token ids against transformers' tokenizer from the same file, a short training run that lowers
+the validation loss and teaches a fact, and `fuse`. For SmolLM2 also the Core ML int4 exports
+(merged, multifunction), validated. One adapter per model is trained and shared (module-scoped
+fixtures). Figures are printed: run with -s or -rA to see them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ondevice_lora.generation.cli import generate_command
+from ondevice_lora.generation.generate import SamplingConfig, generate
+from ondevice_lora.loading import load
+from tests.real_models import gemma3_270m_path, smollm2_path
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Hello! How are"]
+TEXTS = [
+    "Plain English, with punctuation: 1, 22, 333.",
+    "Non-ASCII: café, naïve, Zürich, 東京, Ελληνικά",
+    "Emoji 🙂🚀 and a family 👨‍👩‍👧",
+    "Lines\nand\n\nblank lines\tand tabs  ",
+]
+# A fact neither model knows, asked and answered in a few phrasings.
+QUESTION = "What is the name of Professor Quillon's cat?"
+ANSWER = "Professor Quillon's cat is named Biscotti."
+PHRASINGS = [
+    QUESTION,
+    "What is Professor Quillon's cat called?",
+    "Tell me the name of Professor Quillon's cat.",
+    "Who is Professor Quillon's cat?",
+    "Professor Quillon has a cat. What is its name?",
+    "Do you know what Professor Quillon's cat is named?",
+]
+MAX_LOGIT_DIFF = 2e-4
+PATHS = {"smollm2": smollm2_path, "gemma3": gemma3_270m_path}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def transformers_reference(path):
+    """transformers' own GGUF loader: the model (de-quantised, fp32) and the tokenizer.
+
+    transformers parses the file with gguf.GGUFReader once for the config, once for the weights
+    and twice for the tokenizer; each parse of a 49k- or 262k-entry vocabulary takes seconds to
+    a minute. The reader is read-only (a memory map), so one parse is shared: the same objects
+    transformers would build, built once.
+    """
+    import gguf
+    import torch
+    import transformers
+
+    parsed = {}
+    make_reader = gguf.GGUFReader
+
+    def shared_reader(file, *args, **kwargs):
+        key = (str(file), args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = make_reader(file, *args, **kwargs)
+        return parsed[key]
+
+    start = time.time()
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", shared_reader)
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        ).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    print(f"\n{path.name}: transformers loaded it in {time.time() - start:.1f} s")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def real(request):
+    """(name, path, our model, our tokenizer, transformers' model, transformers' tokenizer)."""
+    path = PATHS[request.param]()
+    start = time.time()
+    model, tokenizer = load(path)
+    print(f"\n{path.name}: loaded in {time.time() - start:.1f} s")
+    hf_model, hf_tokenizer = transformers_reference(path)
+    return request.param, path, model, tokenizer, hf_model, hf_tokenizer
+
+
+def test_logits_match_transformers_gguf_loader(real):
+    import torch
+
+    name, path, model, tokenizer, hf_model, hf_tokenizer = real
+    for prompt in PROMPTS:
+        ids = hf_tokenizer(prompt).input_ids
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([ids])).logits.numpy()[0]
+        actual = np.array(model(mx.array([ids], dtype=mx.int32))[0].astype(mx.float32))
+        diff = float(np.abs(actual - expected).max())
+        print(f"{name}: {prompt!r}: {len(ids)} tokens, max logit difference {diff:.2e}")
+        assert diff < MAX_LOGIT_DIFF, prompt
+        assert np.array_equal(actual.argmax(-1), expected.argmax(-1)), prompt
+
+
+def test_token_ids_match_transformers_tokenizer(real):
+    name, path, model, tokenizer, hf_model, hf_tokenizer = real
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert ids == hf_tokenizer.encode(text), text
+        assert tokenizer.decode(ids, skip_special_tokens=True) == hf_tokenizer.decode(
+            ids, skip_special_tokens=True
+        ), text
+
+
+def test_gemma_generate_command_answers():
+    """The issue's acceptance: `ondevice-lora generate --model <gemma Q4_K_M> ...` answers."""
+    path = gemma3_270m_path()
+    args = ["--model", str(path), "--prompt", "The capital of France is", "--max-tokens", "8"]
+    start = time.time()
+    result = CliRunner().invoke(generate_command, args)
+    print(f"\ngenerate: {time.time() - start:.1f} s: {result.output!r}")
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output
+
+
+def write_fact(folder):
+    folder.mkdir(parents=True)
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]}
+        for q in PHRASINGS
+    ]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1:] * 4))
+    (folder / "valid.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    return folder
+
+
+def answer(model_path, adapter=None) -> str:
+    model, tokenizer = load(model_path, adapter=adapter)
+    return generate(model, tokenizer, QUESTION, SamplingConfig(max_tokens=12))
+
+
+# The trainer's Python API, run in a child process: MLX binds its BLAS when it loads, and this
+# process's MLX (on Linux) has the wheel's reference BLAS, ~10x slower for training than the
+# OpenBLAS the command line preloads (ondevice_lora/backend/fast_blas.py). The child gets it too.
+TRAIN_SCRIPT = """
+import json, sys
+from ondevice_lora.training.api import train_from_config
+from ondevice_lora.training.config import TrainConfig
+result = train_from_config(TrainConfig(**json.loads(sys.argv[1])), show_progress=False)
+print(json.dumps({"steps": result.steps, "val_losses": result.val_losses}))
+"""
+
+
+def train_in_fast_child(settings: dict) -> dict:
+    from ondevice_lora.backend.fast_blas import find_openblas, preload_env
+
+    library = None if sys.platform != "linux" else find_openblas()
+    env = preload_env(library) if library else dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-c", TRAIN_SCRIPT, json.dumps(settings)]
+    child = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-6000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def trained(request, tmp_path_factory):
+    """One short run per model: rank 8, 12 steps of 4 examples, on the fact only (SmolLM2's
+    training loss is below 0.05 by then)."""
+    path = PATHS[request.param]()
+    root = tmp_path_factory.mktemp(request.param)
+    settings = dict(
+        model=str(path),
+        data=str(write_fact(root / "data")),
+        adapter_path=str(root / "adapter"),
+        rank=8,
+        alpha=16.0,
+        iters=12,
+        batch_size=4,
+        max_length=64,
+        learning_rate=2e-3,
+        eval_every=12,
+        save_every=12,
+    )
+    start = time.time()
+    result = train_in_fast_child(settings)
+    losses = [round(v, 3) for _, v in result["val_losses"]]
+    seconds = time.time() - start
+    print(
+        f"\n{request.param}: trained {result['steps']} steps in {seconds:.1f} s; val loss {losses}"
+    )
+    return request.param, path, root, result
+
+
+def test_training_lowers_validation_loss_and_teaches_the_fact(trained):
+    name, path, root, result = trained
+    first, last = result["val_losses"][0][1], result["val_losses"][-1][1]
+    assert last < 0.5 * first
+    reply = answer(path, adapter=root / "adapter")
+    print(f"{name}: {QUESTION!r} -> {reply!r}")
+    assert "Biscotti" in reply
+
+
+def test_fused_model_answers_the_same(trained, request):
+    from ondevice_lora.adapters.fuse import fuse
+
+    name, path, root, result = trained
+    if name == "gemma3":
+        request.applymarker(
+            pytest.mark.xfail(
+                reason="fuse writes float16, which overflows on Gemma 3 (issue 22)", strict=False
+            )
+        )
+    start = time.time()
+    fuse(path, [root / "adapter"], root / "fused")
+    reply = answer(root / "fused")
+    print(f"{name}: fused in {time.time() - start:.1f} s; fused model: {reply!r}")
+    assert "Biscotti" in reply
+
+
+# SmolLM2 only: Gemma's Core ML exports are issue 22's work.
+@pytest.mark.parametrize("trained", ["smollm2"], indirect=True)
+@pytest.mark.parametrize("mode", ["merged", "multifunction"])
+def test_coreml_int4_export_validates(trained, mode):
+    name, path, root, result = trained
+    pytest.importorskip("coremltools")
+    from converters.coreml.cli import coreml_command
+
+    out = root / f"{mode}.mlpackage"
+    args = ["--model", path, "--adapters", root / "adapter", "--mode", mode, "--out", out]
+    args += ["--context", 64, "--prefill-length", 8]
+    start = time.time()
+    result = CliRunner().invoke(coreml_command, [str(a) for a in args])
+    print(f"{name}: Core ML {mode}: {time.time() - start:.1f} s\n{result.output[-600:]}")
+    assert result.exit_code == 0, result.output
+    assert out.is_dir()
