@@ -47,6 +47,7 @@ from converters.coreml.multifunction import (  # noqa: E402
     function_pair,
     validate_multifunction,
 )
+from converters.coreml.placement import tokenizer_folder  # noqa: E402
 from converters.coreml.swappable import (  # noqa: E402
     SCALE_INPUT,
     SwappableLayout,
@@ -168,7 +169,8 @@ def test_multifunction_package_shares_states_and_declares_the_contract(multi):
     configs = json.loads(meta["ondevice_lora.adapter_config"])
     assert configs["tone"]["fine_tune_type"] == "dora" and configs["chat"]["rank"] == 2
     # The app's tokenizer folder: swift-transformers needs config.json beside tokenizer.json.
-    assert json.loads((out.parent / "config.json").read_text())["model_type"] == "llama"
+    config = tokenizer_folder(out) / "config.json"
+    assert json.loads(config.read_text())["model_type"] == "llama"
 
 
 def test_swappable_package_fed_each_adapter_file_matches_mlx_and_scale_0_the_base(tiny, swap):

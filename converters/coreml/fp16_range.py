@@ -248,3 +248,34 @@ class FitReport:
             f"; residual stream carried divided by {self.scale:g} (largest |residual| "
             f"{self.ranges.largest_residual / self.scale:.4g} in the package)"
         )
+
+
+@dataclass(frozen=True)
+class Fp16Fit:
+    """How an int4 or fp16 export fits the model into fp16.
+
+    rescale: carry the residual stream divided by a power of two where the calibration text
+    says it would pass FP16_MAX / margin (off: build the model as it is, e.g. to see it fail).
+    calibration_texts: added to the built-in paragraphs (the validation prompt, --calibration).
+    """
+
+    rescale: bool = True
+    calibration_texts: tuple[str, ...] = ()
+    margin: float = SAFETY_MARGIN
+
+
+DEFAULT_FIT = Fp16Fit()
+
+
+def fit_fp16(model, tokenizer, w: DecoderWeights, fit: Fp16Fit | None) -> tuple:
+    """(weights to build, FitReport) for an export of `model` whose weights are `w`; fp32
+    exports and fit=None are left as they are, with no report."""
+    if fit is None or w.precision.np_dtype == np.float32:
+        return w, None
+    if tokenizer is None:  # no text to calibrate on: a fixed spread of token ids
+        ids = [np.random.default_rng(0).integers(0, model.args.vocab_size, 64).tolist()]
+    else:
+        ids = calibration_ids(tokenizer, list(fit.calibration_texts))
+    ranges = measure_ranges(model, ids)
+    scale = residual_scale(ranges, fit.margin) if fit.rescale else 1.0
+    return rescale_residual(w, scale), FitReport(ranges, scale)
