@@ -81,7 +81,7 @@ from ondevice_lora.errors import OndeviceLoraError
 from .build import DecoderWeights, LinearWeights, QuantizedWeight, build_program
 from .fp16_range import DEFAULT_FIT, FitReport, Fp16Fit, fit_fp16
 from .mil_storage import DECODE_FUNCTION, METADATA_PREFIX, PREFILL_FUNCTION
-from .placement import Staging, staged_export, tokenizer_folder
+from .placement import Staging, relocate_reports, staged_export, tokenizer_folder
 from .settings import convert_program, get_precision, quiet_progress
 from .weights import decoder_weights
 
@@ -197,7 +197,7 @@ def export_coreml(
         seconds=time.perf_counter() - start,
         files=files,
         fit=fitted,
-        validation=validation,
+        validation=relocate_reports(validation, out_path),
     )
 
 

@@ -249,7 +249,8 @@ class _Evaluator:
         if dtype.kind != "f":
             return value.astype(dtype, copy=False)
         if self.mode == "fp16" or (self.mode == "declared" and dtype.itemsize == 2):
-            return value.astype(np.float16).astype(np.float32)
+            with np.errstate(over="ignore"):  # past 65,504 is inf, as on the device
+                return value.astype(np.float16).astype(np.float32)
         return value.astype(np.float32, copy=False)
 
     def _rounds_to_fp16(self, dtype: np.dtype) -> bool:
@@ -312,7 +313,9 @@ class _Evaluator:
                 )
             args = OpArgs(self._resolve_inputs(op, where), where)
             try:
-                results = impl(args)
+                # inf and NaN propagate silently, as on the device; Fp16Range reports them.
+                with np.errstate(all="ignore"):
+                    results = impl(args)
             except MilEvalError:
                 raise
             except Exception as e:

@@ -43,7 +43,7 @@ from .export import (
     weight_bytes,
 )
 from .fp16_range import DEFAULT_FIT, Fp16Fit, fit_fp16
-from .placement import staged_export
+from .placement import relocate_reports, staged_export
 from .size_report import SizeReport, adapter_weight_bytes, pair_weight_bytes, weight_file_bytes
 from .weights import lora_branch
 
@@ -240,7 +240,7 @@ def export_multifunction(
         adapters=adapters,
         sizes=sizes,
         fit=fitted,
-        validation=validation,
+        validation=relocate_reports(validation, out_path),
     )
 
 

@@ -84,3 +84,13 @@ def staged_export(
             raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def relocate_reports(validation, out_path: Path):
+    """The check's report(s), naming the package by the path it was moved to (they were made
+    on the staged copy)."""
+    reports = validation.values() if isinstance(validation, dict) else [validation]
+    for report in reports:
+        if hasattr(report, "package"):
+            report.package = str(out_path)
+    return validation

@@ -47,7 +47,7 @@ from .export import (
     weight_bytes,
 )
 from .fp16_range import DEFAULT_FIT, Fp16Fit, fit_fp16
-from .placement import staged_export
+from .placement import relocate_reports, staged_export
 from .size_report import SizeReport, pair_weight_bytes, weight_file_bytes
 
 SUPPORTED_TARGETS = tuple(name for names in PROJECTIONS.values() for name in names)
@@ -302,7 +302,7 @@ def export_swappable(
         layout=layout,
         sizes=sizes,
         fit=fitted,
-        validation=validation,
+        validation=relocate_reports(validation, out_path),
     )
 
 
