@@ -107,12 +107,13 @@ def reference(root):
     return model, tokenizer, fingerprint
 
 
-def export_by_cli(tiny, name: str, mode: str, adapters) -> tuple:
+def export_by_cli(tiny, name: str, mode: str, adapters, *more) -> tuple:
     """`export coreml --mode <mode>` of the tiny base with these adapters: (package, output)."""
     root, folders = tiny
     out = root / name / f"{name}.mlpackage"
     args = ["--model", root / "base", "--adapters", *(folders[n] for n in adapters)]
     args += ["--mode", mode, "--out", out, "--context", CONTEXT, "--prefill-length", PREFILL]
+    args += list(more)
     code, output = run_cli(coreml_command, args)
     assert code == 0, output
     return out, output
@@ -121,7 +122,8 @@ def export_by_cli(tiny, name: str, mode: str, adapters) -> tuple:
 @pytest.fixture(scope="module")
 def multi(tiny):
     """A 3-adapter multifunction package, exported by the CLI (which validates every pair)."""
-    return export_by_cli(tiny, "multi", "multifunction", MULTI_ADAPTERS)
+    more = ["--max-adapters-per-package", len(MULTI_ADAPTERS)]
+    return export_by_cli(tiny, "multi", "multifunction", MULTI_ADAPTERS, *more)
 
 
 @pytest.fixture(scope="module")
