@@ -46,8 +46,15 @@ def gemma3_hf_folder(folder: Path) -> Path:
     return folder
 
 
-def gemma3_model(folder: Path):
-    """(model, tokenizer) of Gemma 3 270M, float32, via gemma3_hf_folder."""
+def gemma3_cached_folder() -> Path:
+    """Where gemma3_hf_folder's result is kept between runs: beside the assembled GGUF (several
+    minutes to build on 2 cores)."""
+    return gemma3_270m_path().parent / "gemma3-270m-hf-float32"
+
+
+def gemma3_model(folder: Path | None = None):
+    """(model, tokenizer) of Gemma 3 270M, float32, via gemma3_hf_folder (the cached folder by
+    default). Once our loader reads the GGUF: return load(str(gemma3_270m_path()))."""
     from ondevice_lora.loading import load
 
-    return load(str(gemma3_hf_folder(folder)))
+    return load(str(gemma3_hf_folder(folder or gemma3_cached_folder())))
