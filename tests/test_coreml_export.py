@@ -20,6 +20,7 @@ import coremltools as ct  # noqa: E402
 from coremltools.proto import MIL_pb2  # noqa: E402
 
 from converters.coreml.export import CoreMLExportError, export_coreml  # noqa: E402
+from converters.coreml.placement import tokenizer_folder  # noqa: E402
 from converters.coreml.settings import get_precision  # noqa: E402
 from converters.coreml.weights import (  # noqa: E402
     decoder_weights,
@@ -164,7 +165,9 @@ def test_int4_weights_are_stored_as_4_bits_and_dominate_the_package(int4_export)
 
 def test_side_files_give_the_app_its_tokenizer(int4_export, tokenizer):
     _, result, _ = int4_export
-    folder = result.path.parent
+    folder = tokenizer_folder(result.path)
+    assert folder == result.path.parent / "model-tokenizer"
+    assert all(p.parent == folder for p in result.files)
     assert sorted(p.name for p in result.files) == [
         "config.json",
         "special_tokens.json",
@@ -180,6 +183,21 @@ def test_side_files_give_the_app_its_tokenizer(int4_export, tokenizer):
     assert info["package"] == "model.mlpackage"
     # swift-transformers reads model_type from config.json to pick the tokenizer.
     assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_two_exports_into_one_folder_keep_each_their_own_side_files(tmp_path, tokenizer):
+    # Two different models (another vocabulary, another context) exported side by side.
+    small = make_model()
+    other = make_model(model_type="qwen2")
+    first = export_coreml(small, tokenizer, tmp_path / "a.mlpackage", "fp16", 16, prefill_length=4)
+    second = export_coreml(other, tokenizer, tmp_path / "b.mlpackage", "fp16", 32, prefill_length=4)
+    for result, model_type, context in ((first, "llama", 16), (second, "qwen2", 32)):
+        folder = tokenizer_folder(result.path)
+        info = json.loads((folder / "special_tokens.json").read_text())
+        assert info["package"] == result.path.name and info["context_length"] == context
+        assert json.loads((folder / "config.json").read_text())["model_type"] == model_type
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["a-tokenizer", "a.mlpackage", "b-tokenizer", "b.mlpackage"]
 
 
 def test_int4_adapter_stays_an_unmerged_branch_over_the_base_codes(tmp_path):

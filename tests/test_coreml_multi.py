@@ -47,6 +47,7 @@ from converters.coreml.multifunction import (  # noqa: E402
     function_pair,
     validate_multifunction,
 )
+from converters.coreml.placement import tokenizer_folder  # noqa: E402
 from converters.coreml.swappable import (  # noqa: E402
     SCALE_INPUT,
     SwappableLayout,
@@ -106,12 +107,13 @@ def reference(root):
     return model, tokenizer, fingerprint
 
 
-def export_by_cli(tiny, name: str, mode: str, adapters) -> tuple:
+def export_by_cli(tiny, name: str, mode: str, adapters, *more) -> tuple:
     """`export coreml --mode <mode>` of the tiny base with these adapters: (package, output)."""
     root, folders = tiny
     out = root / name / f"{name}.mlpackage"
     args = ["--model", root / "base", "--adapters", *(folders[n] for n in adapters)]
     args += ["--mode", mode, "--out", out, "--context", CONTEXT, "--prefill-length", PREFILL]
+    args += list(more)
     code, output = run_cli(coreml_command, args)
     assert code == 0, output
     return out, output
@@ -120,7 +122,8 @@ def export_by_cli(tiny, name: str, mode: str, adapters) -> tuple:
 @pytest.fixture(scope="module")
 def multi(tiny):
     """A 3-adapter multifunction package, exported by the CLI (which validates every pair)."""
-    return export_by_cli(tiny, "multi", "multifunction", MULTI_ADAPTERS)
+    more = ["--max-adapters-per-package", len(MULTI_ADAPTERS)]
+    return export_by_cli(tiny, "multi", "multifunction", MULTI_ADAPTERS, *more)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +171,8 @@ def test_multifunction_package_shares_states_and_declares_the_contract(multi):
     configs = json.loads(meta["ondevice_lora.adapter_config"])
     assert configs["tone"]["fine_tune_type"] == "dora" and configs["chat"]["rank"] == 2
     # The app's tokenizer folder: swift-transformers needs config.json beside tokenizer.json.
-    assert json.loads((out.parent / "config.json").read_text())["model_type"] == "llama"
+    config = tokenizer_folder(out) / "config.json"
+    assert json.loads(config.read_text())["model_type"] == "llama"
 
 
 def test_swappable_package_fed_each_adapter_file_matches_mlx_and_scale_0_the_base(tiny, swap):

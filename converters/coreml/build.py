@@ -79,6 +79,9 @@ class LinearWeights:
     weight: np.ndarray | QuantizedWeight  # (out, in)
     bias: np.ndarray | None = None
     lora: LoraBranch | None = None
+    # The whole output times this factor, folded into the constants at build time (a power of
+    # two: exact in fp16). It carries the residual stream rescaled, see fp16_range.py.
+    output_scale: float = 1.0
 
 
 @dataclass
@@ -133,6 +136,10 @@ class DecoderWeights:
     attention_scale: float | None = None  # None: head_dim ** -0.5
     embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    # The residual stream is carried divided by this power of two so that it fits fp16; the
+    # norms that read it take eps / residual_scale**2 and compute the same function (see
+    # fp16_range.rescale_residual, which scales every write into the residual to match).
+    residual_scale: float = 1.0
 
     @property
     def cache_shape(self) -> tuple[int, int, int, int]:
@@ -142,17 +149,18 @@ class DecoderWeights:
 # --- pieces ---------------------------------------------------------------------------------
 
 
-def _weight(w: np.ndarray | QuantizedWeight, dtype) -> Var:
-    """A constant weight: dense in the compute dtype, or de-quantised from its codes."""
+def _weight(w: np.ndarray | QuantizedWeight, dtype, factor: float = 1.0) -> Var:
+    """A constant weight times `factor`: dense in the compute dtype, or de-quantised from its
+    codes (the factor goes into the per-block scales; the codes stay untouched)."""
     if isinstance(w, QuantizedWeight):
         # uint4 codes are stored packed, two per byte; Core ML expands them at load time.
         data_type = types.np_uint4_dtype if w.bits == 4 else np.uint8
         return mb.constexpr_blockwise_shift_scale(
             data=w.codes.astype(data_type),
-            scale=w.scales.astype(np.float16),
+            scale=(w.scales.astype(np.float32) * factor).astype(np.float16),
             offset=w.offsets.astype(np.float16),
         )
-    return mb.const(val=w.astype(dtype))
+    return mb.const(val=(w * factor if factor != 1.0 else w).astype(dtype))
 
 
 def convert_embedding(input_ids: Var, table: Var, w: DecoderWeights) -> Var:
@@ -165,9 +173,9 @@ def convert_embedding(input_ids: Var, table: Var, w: DecoderWeights) -> Var:
 
 def convert_linear(x: Var, lin: LinearWeights, precision: Precision) -> Var:
     """x @ W.T + bias, plus the unmerged adapter branch when there is one."""
-    dtype = precision.np_dtype
-    weight = _weight(lin.weight, dtype)
-    bias = None if lin.bias is None else lin.bias.astype(dtype)
+    dtype, factor = precision.np_dtype, lin.output_scale
+    weight = _weight(lin.weight, dtype, factor)
+    bias = None if lin.bias is None else (lin.bias * factor).astype(dtype)
     lora = lin.lora
     if lora is None:
         return mb.linear(x=x, weight=weight, bias=bias)
@@ -177,7 +185,10 @@ def convert_linear(x: Var, lin: LinearWeights, precision: Precision) -> Var:
     b = lora.b.astype(dtype) if isinstance(lora.b, np.ndarray) else lora.b
     down = mb.matmul(x=x, y=a, transpose_y=True)  # (1, L, r)
     up = mb.matmul(x=down, y=b, transpose_y=True)  # (1, L, out)
-    scale = np.array(lora.scale, dtype) if isinstance(lora.scale, (int, float)) else lora.scale
+    if isinstance(lora.scale, (int, float)):
+        scale = np.array(lora.scale * factor, dtype)
+    else:  # a function input (swappable packages)
+        scale = lora.scale if factor == 1.0 else mb.mul(x=lora.scale, y=np.array(factor, dtype))
     y = mb.add(x=y, y=mb.mul(x=up, y=scale))
     if lora.row_factor is not None:
         y = mb.mul(x=y, y=lora.row_factor.astype(dtype))
@@ -185,24 +196,32 @@ def convert_linear(x: Var, lin: LinearWeights, precision: Precision) -> Var:
 
 
 def convert_norm(x: Var, weight: np.ndarray, eps: float, precision: Precision) -> Var:
-    """RMSNorm over the last axis. Core ML has no RMSNorm op.
+    """RMSNorm over the last axis, x / sqrt(mean(x^2) + eps) * weight. Core ML has no RMSNorm
+    op.
 
-    fp16: mean(x * x) overflows fp16 on real models, so use layer_norm on concat([x, -x]),
-    whose mean is exactly 0 and variance exactly mean(x * x); the first half is RMSNorm(x).
+    fp16 (int4 and fp16 exports): mean(x^2) overflows fp16 once |x| passes 256 (real models'
+    residual streams reach 1e4-1e5), and a kernel that squares in fp16 gives inf. So each row
+    is first divided by its own largest |x| (m, floored at fp16's smallest normal number so a
+    zero row stays finite): with y = x / m every y^2 <= 1 and the sum of a row <= its width, so
+    no step can overflow whatever the input, and
+        RMSNorm(x) = y / sqrt(mean(y^2) + (sqrt(eps) / m)^2) * weight
+    is the same function. Six cheap ops (abs, reduce_max, maximum, real_div, square, add) more
+    than a fused norm; all run on the Neural Engine, unlike fp32 ops, which would split the
+    graph between the Neural Engine and the CPU at every norm.
     """
     dtype = precision.np_dtype
     if precision.dtype == types.fp32:
         mean_square = mb.reduce_mean(x=mb.mul(x=x, y=x), axes=[-1], keep_dims=True)
         inv_rms = mb.rsqrt(x=mean_square, epsilon=np.array(eps, dtype))
         return mb.mul(x=mb.mul(x=x, y=inv_rms), y=weight.astype(dtype))
-    n = x.shape[-1]
-    both = mb.concat(values=[x, mb.mul(x=x, y=np.array(-1, dtype))], axis=-1)
-    gamma = np.concatenate([weight, weight]).astype(dtype)
-    normed = mb.layer_norm(x=both, axes=[-1], gamma=gamma, epsilon=np.array(eps, dtype))
-    rank = len(x.shape)
-    return mb.slice_by_index(
-        x=normed, begin=[0] * rank, end=[*x.shape[:-1], n], end_mask=[True] * (rank - 1) + [False]
-    )
+    largest = mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True)
+    largest = mb.maximum(x=largest, y=np.array(2.0**-14, dtype))  # fp16's smallest normal
+    y = mb.real_div(x=x, y=largest)
+    mean_square = mb.reduce_mean(x=mb.mul(x=y, y=y), axes=[-1], keep_dims=True)
+    eps_term = mb.real_div(x=np.array(np.sqrt(eps), dtype), y=largest)  # sqrt(eps) / m
+    mean_square = mb.add(x=mean_square, y=mb.mul(x=eps_term, y=eps_term))
+    inv_rms = mb.rsqrt(x=mean_square, epsilon=np.array(0.0, dtype))
+    return mb.mul(x=mb.mul(x=y, y=inv_rms), y=weight.astype(dtype))
 
 
 def convert_rope(x: Var, cos: Var, sin: Var) -> Var:
@@ -330,19 +349,34 @@ def convert_mlp(x: Var, layer: LayerWeights, w: DecoderWeights) -> Var:
 
 
 def convert_layer(h: Var, layer: LayerWeights, index: int, step: Step, w: DecoderWeights):
-    """One decoder layer: pre-norm residual blocks, or Gemma's sandwich-normed ones."""
+    """One decoder layer: pre-norm residual blocks, or Gemma's sandwich-normed ones.
+
+    h is the residual stream divided by w.residual_scale: the norms that read it take eps
+    divided by its square, the others (Gemma's post-norms, over sub-layer outputs) eps itself.
+    The residual adds are named, so that the validator can say which layer overflowed.
+    """
     eps, p = w.rms_norm_eps, w.precision
+    residual_eps = eps / w.residual_scale**2
     attended = convert_attention(
-        convert_norm(h, layer.input_layernorm, eps, p), layer, index, step, w
+        convert_norm(h, layer.input_layernorm, residual_eps, p), layer, index, step, w
     )
+    names = {
+        "attention": f"layers_{index}_residual_attention",
+        "mlp": f"layers_{index}_residual_mlp",
+    }
     if layer.pre_feedforward_layernorm is None:
-        h = mb.add(x=h, y=attended)
-        return mb.add(
-            x=h, y=convert_mlp(convert_norm(h, layer.post_attention_layernorm, eps, p), layer, w)
-        )
-    h = mb.add(x=h, y=convert_norm(attended, layer.post_attention_layernorm, eps, p))
-    mlp = convert_mlp(convert_norm(h, layer.pre_feedforward_layernorm, eps, p), layer, w)
-    return mb.add(x=h, y=convert_norm(mlp, layer.post_feedforward_layernorm, eps, p))
+        h = mb.add(x=h, y=attended, name=names["attention"])
+        normed = convert_norm(h, layer.post_attention_layernorm, residual_eps, p)
+        return mb.add(x=h, y=convert_mlp(normed, layer, w), name=names["mlp"])
+    h = mb.add(
+        x=h,
+        y=convert_norm(attended, layer.post_attention_layernorm, eps, p),
+        name=names["attention"],
+    )
+    mlp = convert_mlp(convert_norm(h, layer.pre_feedforward_layernorm, residual_eps, p), layer, w)
+    return mb.add(
+        x=h, y=convert_norm(mlp, layer.post_feedforward_layernorm, eps, p), name=names["mlp"]
+    )
 
 
 def convert_lm_head(h: Var, w: DecoderWeights, embedding: Var) -> Var:
@@ -424,7 +458,7 @@ def convert_decoder(
         # One write per state, after the last layer has threaded its update through.
         for name, state in states.items():
             mb.coreml_update_state(state=state, value=step.caches[name])
-        h = convert_norm(h, w.norm, w.rms_norm_eps, w.precision)
+        h = convert_norm(h, w.norm, w.rms_norm_eps / w.residual_scale**2, w.precision)
         func.set_outputs([convert_lm_head(h, w, embedding)])
     return func
 

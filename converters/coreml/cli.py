@@ -22,6 +22,10 @@ VALIDATION_TEXT = (
 )
 DECODE_STEPS = 8
 MODES = ("merged", "multifunction", "swappable")
+# Adapter pairs per multifunction package, beside the base pair: 2 + 2 = 4 functions. Projects
+# running LLMs on the Neural Engine report packages that fail to compile or load on device past
+# about four functions; more adapters go into further packages (README: "Multifunction").
+MAX_ADAPTERS_PER_PACKAGE = 1
 
 
 class _ListOptionsCommand(click.Command):
@@ -72,7 +76,8 @@ class _ListOptionsCommand(click.Command):
     "out_path",
     required=True,
     type=click.Path(),
-    help="The package to write, ending in .mlpackage; tokenizer files go beside it.",
+    help="The package to write, ending in .mlpackage; its tokenizer files go into the folder "
+    "<name>-tokenizer beside it.",
 )
 @click.option(
     "--precision",
@@ -114,6 +119,26 @@ class _ListOptionsCommand(click.Command):
     is_flag=True,
     help="Skip the check of the saved package against MLX (not recommended).",
 )
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A UTF-8 text file of your own kind of input: int4/fp16 exports measure the model's "
+    "activations on it (besides built-in text) to keep them inside fp16's range.",
+)
+@click.option(
+    "--keep-failed",
+    is_flag=True,
+    help="Keep a package that fails its validation at <out>.failed (default: remove it).",
+)
+@click.option(
+    "--max-adapters-per-package",
+    type=click.IntRange(min=1),
+    default=MAX_ADAPTERS_PER_PACKAGE,
+    show_default=True,
+    help="Multifunction: adapter pairs per package, beside the base pair; more adapters go "
+    "into <out>-2.mlpackage, ... (see README).",
+)
 @user_errors
 def coreml_command(model_name, adapter, adapters, mode, out_path, no_validate, **settings):
     """Export to a stateful Core ML package (prefill + decode) and validate it against MLX."""
@@ -151,16 +176,41 @@ def coreml_command(model_name, adapter, adapters, mode, out_path, no_validate, *
             click.echo(f"quantised {count} unquantised layers to 4 bits (groups of 32) for int4")
     export = {"merged": _merged, "multifunction": _multifunction, "swappable": _swappable}[mode]
     package = {k: settings[k] for k in ("precision", "context_length", "prefill_length")}
-    validate = export(model, tokenizer, adapters, out_path, fingerprint, package, settings)
+    package |= _placement(settings, no_validate)
+    if mode == "multifunction":
+        package["max_adapters_per_package"] = settings["max_adapters_per_package"]
+    elif settings["max_adapters_per_package"] != MAX_ADAPTERS_PER_PACKAGE:
+        raise click.UsageError("--max-adapters-per-package only applies to --mode multifunction.")
+    prompt_ids = _validation_prompt(tokenizer, settings["context_length"] - DECODE_STEPS)
+    checks = None if no_validate else (prompt_ids, DECODE_STEPS)
+    reports = export(model, tokenizer, adapters, out_path, fingerprint, package, checks, settings)
+    for name, report in reports.items():
+        click.echo(f"[{name}] {report.summary()}")
     if no_validate:
         click.echo("validation skipped (--no-validate)")
-        return
-    prompt_ids = _validation_prompt(tokenizer, settings["context_length"] - DECODE_STEPS)
-    for name, report in validate(prompt_ids, DECODE_STEPS).items():
-        click.echo(f"[{name}] {report.summary()}")
 
 
-def _merged(model, tokenizer, adapters, out_path, fingerprint, package, settings):
+def _placement(settings: dict, no_validate: bool) -> dict:
+    """The fp16 fit and failure handling every export takes from the options."""
+    from .fp16_range import Fp16Fit, read_calibration_file
+
+    texts = [VALIDATION_TEXT]
+    if settings["calibration"]:
+        texts.append(read_calibration_file(settings["calibration"]))
+    if no_validate and settings["keep_failed"]:
+        raise click.UsageError(
+            "--keep-failed keeps a package that fails validation; "
+            "it does nothing with --no-validate."
+        )
+    return {"fit": Fp16Fit(calibration_texts=tuple(texts)), "keep_failed": settings["keep_failed"]}
+
+
+def _echo_fit(result) -> None:
+    if result.fit is not None:
+        click.echo(f"fp16 range: {result.fit.summary()}")
+
+
+def _merged(model, tokenizer, adapters, out_path, fingerprint, package, checks, settings):
     from ondevice_lora.adapters.files import read_adapter_config
     from ondevice_lora.adapters.layers import adapter_modules
 
@@ -169,9 +219,19 @@ def _merged(model, tokenizer, adapters, out_path, fingerprint, package, settings
     from .validate import validate_package
 
     config = read_adapter_config(adapters[0])[0].to_dict() if adapters else None
+    check = None
+    if checks is not None:
+        check = lambda path: {"package": validate_package(path, model, *checks)}  # noqa: E731
     result = export_coreml(
-        model, tokenizer, out_path, adapter_config=config, fingerprint=fingerprint, **package
+        model,
+        tokenizer,
+        out_path,
+        adapter_config=config,
+        fingerprint=fingerprint,
+        check=check,
+        **package,
     )
+    _echo_fit(result)
     # An int4 export keeps the adapter as a branch (fp16 A and B); fp16/fp32 merge it away.
     branch = sum(
         m.lora_a.size + m.lora_b.size + (m.magnitude.size if "magnitude" in m else 0)
@@ -192,30 +252,58 @@ def _merged(model, tokenizer, adapters, out_path, fingerprint, package, settings
     click.echo(result.summary())
     click.echo(f"package size: {result.package_bytes} bytes; weights: {result.weight_bytes} bytes")
     click.echo(sizes.render())
-    return lambda ids, steps: {"package": validate_package(result.path, model, ids, steps)}
+    return result.validation or {}
 
 
-def _multifunction(model, tokenizer, adapters, out_path, fingerprint, package, settings):
-    from .multifunction import export_multifunction, validate_multifunction
+def _multifunction(model, tokenizer, adapters, out_path, fingerprint, package, checks, settings):
+    from .multifunction import export_multifunction, named_adapters, validate_multifunction
+    from .placement import tokenizer_folder
 
-    result = export_multifunction(
-        model, tokenizer, adapters, out_path, fingerprint=fingerprint, **package
-    )
-    click.echo(result.summary())
-    for name, (prefill, decode) in result.functions.items():
-        source = result.adapters.get(name, "the plain base")
-        click.echo(f"  {prefill} / {decode}: {source}")
-    click.echo(result.sizes.render())
-    return lambda ids, steps: validate_multifunction(
-        result.path, model, result.adapters, ids, steps
-    )
+    limit = package.pop("max_adapters_per_package")
+    named = list(named_adapters(adapters).items())
+    groups = [dict(named[i : i + limit]) for i in range(0, len(named), limit)] or [{}]
+    paths = [Path(out_path)] + [
+        Path(out_path).with_name(f"{Path(out_path).stem}-{i}.mlpackage")
+        for i in range(2, len(groups) + 1)
+    ]
+    if len(groups) > 1:
+        click.echo(
+            f"{len(named)} adapters, at most {limit} per package (--max-adapters-per-package): "
+            f"{len(groups)} packages, {', '.join(p.name for p in paths)}; all use the tokenizer "
+            f"folder {tokenizer_folder(paths[0]).name}"
+        )
+    reports = {}
+    for index, (group, path) in enumerate(zip(groups, paths)):
+        check = None
+        if checks is not None:
+            check = lambda p, g=group: validate_multifunction(p, model, g, *checks)  # noqa: E731
+        result = export_multifunction(
+            model,
+            tokenizer if index == 0 else None,  # the first package's tokenizer folder serves all
+            group,
+            path,
+            fingerprint=fingerprint,
+            check=check,
+            **package,
+        )
+        if index == 0:
+            _echo_fit(result)
+        click.echo(result.summary())
+        for name, (prefill, decode) in result.functions.items():
+            source = result.adapters.get(name, "the plain base")
+            click.echo(f"  {prefill} / {decode}: {source}")
+        click.echo(result.sizes.render())
+        prefix = "" if len(groups) == 1 else f"{path.name}: "
+        reports |= {prefix + name: r for name, r in (result.validation or {}).items()}
+    return reports
 
 
-def _swappable(model, tokenizer, adapters, out_path, fingerprint, package, settings):
+def _swappable(model, tokenizer, adapters, out_path, fingerprint, package, checks, settings):
     from ondevice_lora.adapters.files import read_adapter_config
 
     from .adapter_file import adapter_inputs, validate_swappable, write_adapter_files
-    from .swappable import SwappableLayout, export_swappable
+    from .swappable import SwappableLayout, base_inputs, export_swappable
+    from .validate import validate_package
 
     configs = [read_adapter_config(folder)[0] for folder in adapters]
     targets = settings["targets"]
@@ -229,17 +317,33 @@ def _swappable(model, tokenizer, adapters, out_path, fingerprint, package, setti
     layout = SwappableLayout.from_architecture(dataclasses.asdict(model.args), targets, r_max)
     for folder in adapters:
         adapter_inputs(folder, layout, fingerprint)
+    check = None
+    if checks is not None:
+        # Before it is put in place: the base, all adapter inputs zero. The adapter files are
+        # written from the placed package, and checked after.
+        zero = base_inputs(layout)
+        check = lambda path: validate_package(path, model, *checks, extra_inputs=zero)  # noqa: E731
     result = export_swappable(
-        model, tokenizer, out_path, layout.targets, layout.r_max, fingerprint=fingerprint, **package
+        model,
+        tokenizer,
+        out_path,
+        layout.targets,
+        layout.r_max,
+        fingerprint=fingerprint,
+        check=check,
+        **package,
     )
+    _echo_fit(result)
     files = write_adapter_files(result, adapters, fingerprint)
     click.echo(result.summary())
     click.echo(f"  LoRA inputs for {', '.join(layout.targets)} up to rank {layout.r_max}")
     for name, path in files.items():
         click.echo(f"  adapter file {name}: {path}")
     click.echo(result.sizes.render())
+    if checks is None:
+        return {}
     pairs = {name: (folder, files[name]) for name, folder in zip(files, adapters)}
-    return lambda ids, steps: validate_swappable(result.path, model, pairs, ids, steps)
+    return validate_swappable(result.path, model, pairs, *checks)
 
 
 @click.command("adapter")

@@ -41,11 +41,16 @@ User-defined metadata (strings): ``ondevice_lora.format_version`` ("1"),
 ``ondevice_lora.adapter_mode`` ("none", "merged" or "unmerged"). Inputs, outputs and states
 carry a shortDescription in every function.
 
-Beside the package (same folder): tokenizer.json, tokenizer_config.json, special_tokens.json
-(bos/eos/pad ids, special token strings, chat template, context and prefill lengths) and
-config.json (the model's configuration: swift-transformers' AutoTokenizer.from(modelFolder:)
-refuses a folder without one). They are shared by every package in that folder, so keep one
-model's packages per folder.
+In the package's own side folder, ``DIR/x-tokenizer/`` for ``DIR/x.mlpackage`` (placement.py):
+tokenizer.json, tokenizer_config.json, special_tokens.json (bos/eos/pad ids, special token
+strings, chat template, context and prefill lengths) and config.json (the model's
+configuration: swift-transformers' AutoTokenizer.from(modelFolder:) refuses a folder without
+one). Each package has its own, so exports into one folder never overwrite each other.
+
+fp16 arithmetic (int4 and fp16 exports): the exporter first runs the model in float32 on
+calibration text and, where the residual stream would pass 1/16 of fp16's maximum, carries it
+divided by a power of two (fp16_range.py); the norms cannot overflow whatever their input
+(build.convert_norm). ``ondevice_lora.residual_scale`` records the factor.
 
 Multifunction and swappable packages (multifunction.py, swappable.py) follow the same contract,
 with other function names and, for swappable ones, more inputs; APP_METADATA_KEYS are in every
@@ -74,7 +79,9 @@ from ondevice_lora.atomic import write_text_atomically
 from ondevice_lora.errors import OndeviceLoraError
 
 from .build import DecoderWeights, LinearWeights, QuantizedWeight, build_program
+from .fp16_range import DEFAULT_FIT, FitReport, Fp16Fit, fit_fp16
 from .mil_storage import DECODE_FUNCTION, METADATA_PREFIX, PREFILL_FUNCTION
+from .placement import Staging, relocate_reports, staged_export, tokenizer_folder
 from .settings import convert_program, get_precision, quiet_progress
 from .weights import decoder_weights
 
@@ -116,6 +123,8 @@ class ExportResult:
     adapter_mode: str
     seconds: float
     files: list[Path] = field(default_factory=list)
+    fit: FitReport | None = None  # the fp16 range measured and the residual scale chosen
+    validation: object = None  # what the export's check returned (validation reports)
 
     def summary(self) -> str:
         mb = 1024 * 1024
@@ -138,14 +147,21 @@ def export_coreml(
     fingerprint: dict | None = None,
     prefill_length: int = 32,
     group_size: int = 32,
+    fit: Fp16Fit | None = DEFAULT_FIT,
+    check: Callable[[Path], object] | None = None,
+    keep_failed: bool = False,
 ) -> ExportResult:
     """Export `model` (ours, with or without adapters) to the package described above.
 
-    tokenizer: written beside the package (None writes no side files).
+    tokenizer: written into the package's side folder (None writes no side files).
     adapter_config: the adapter's settings (a LoraConfig or its to_dict()), for the metadata.
     fingerprint: the base's base_fingerprint(); computed from model and tokenizer when None.
     group_size: the block width when an int4 export quantises a layer whose codes it cannot
     keep (see weights.quantize_for_int4, which makes the matching MLX reference).
+    fit: how an int4/fp16 export fits fp16 (None: build the weights as they are).
+    check(staged package path): run on the built package before it is moved to out_path, e.g.
+    a validation; a CoreMLValidationError leaves out_path as it was (keep_failed: the package
+    is kept at out_path + ".failed"). Its result is the ExportResult's `validation`.
     Raises CoreMLExportError for settings that cannot work.
     """
     start = time.perf_counter()
@@ -158,16 +174,18 @@ def export_coreml(
         fingerprint = base_fingerprint(model, tokenizer)
     if isinstance(adapter_config, LoraConfig):
         adapter_config = adapter_config.to_dict()
+    w, fitted = fit_fp16(model, tokenizer, w, fit)
     metadata = common_metadata(model, precision, context_length, prefill_length, fingerprint)
     metadata["adapter_config"] = json.dumps(adapter_config, sort_keys=True)
     metadata["adapter_mode"] = mode
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    metadata["residual_scale"] = str(w.residual_scale)
     programs = {
         PREFILL_FUNCTION: build_program(w, prefill_length),
         DECODE_FUNCTION: build_program(w, 1),
     }
-    save_package(programs, out_path, metadata)
-    files = write_side_files(tokenizer, out_path, context_length, prefill_length, model)
+    with staged_export(out_path, keep_failed) as staging:
+        files = save_staged(staging, programs, metadata, tokenizer, model, context_length)
+        validation = None if check is None else check(staging.package)
     return ExportResult(
         path=out_path,
         precision=precision,
@@ -178,7 +196,29 @@ def export_coreml(
         adapter_mode=mode,
         seconds=time.perf_counter() - start,
         files=files,
+        fit=fitted,
+        validation=relocate_reports(validation, out_path),
     )
+
+
+def save_staged(
+    staging: Staging,
+    programs: dict,
+    metadata: dict[str, str],
+    tokenizer,
+    model,
+    context_length: int,
+    **package_options,
+) -> list[Path]:
+    """Save the package and its side files into `staging`; returns the side files by the paths
+    they will have once in place."""
+    save_package(programs, staging.package, metadata, scratch=staging.scratch, **package_options)
+    prefill_length = int(metadata["prefill_length"])
+    written = write_side_files(
+        tokenizer, staging.tokenizer, staging.out_path.name, context_length, prefill_length, model
+    )
+    final = tokenizer_folder(staging.out_path)
+    return [final / f.name for f in written]
 
 
 def common_metadata(
@@ -239,6 +279,7 @@ def save_package(
     metadata: dict[str, str],
     default_function: str = DECODE_FUNCTION,
     descriptions: dict[str, str] | None = None,
+    scratch: Path | None = None,
 ) -> None:
     """Convert each program, merge them as the functions of one package (bit-identical weights
     are stored once, states are shared by name), describe it, and move it into place,
@@ -248,9 +289,12 @@ def save_package(
     many functions over a large base never holds more than one built program at a time.
     metadata: stored under "ondevice_lora.<key>"; its context_length and prefill_length fill in
     the descriptions. descriptions: of inputs beyond those in DESCRIPTIONS, by name.
+    scratch: a folder for the intermediate files (default: a temporary one beside out_path).
     """
     descriptions = {**DESCRIPTIONS, **(descriptions or {})}
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".coreml-export-") as tmp:
+    with tempfile.TemporaryDirectory(
+        dir=scratch or out_path.parent, prefix=".coreml-export-"
+    ) as tmp:
         tmp = Path(tmp)
         desc = ct.utils.MultiFunctionDescriptor()
         for name, program in programs.items():
@@ -267,7 +311,7 @@ def save_package(
         model = ct.models.MLModel(str(merged), skip_model_load=True)
         spec = model.get_spec()
         _describe(spec, metadata, descriptions)
-        final = tmp / out_path.name
+        final = tmp / "final.mlpackage"  # out_path may be a staging name without the suffix
         ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True).save(
             str(final)
         )
@@ -292,16 +336,23 @@ def _describe(spec, metadata: dict, descriptions: dict[str, str]) -> None:
 
 
 def write_side_files(
-    tokenizer, out_path: Path, context_length: int, prefill_length: int, model=None
+    tokenizer,
+    folder: Path,
+    package_name: str,
+    context_length: int,
+    prefill_length: int,
+    model=None,
 ) -> list[Path]:
     """tokenizer.json, tokenizer_config.json, special_tokens.json and (given the model)
-    config.json beside the package; nothing without a tokenizer. Returns the files written."""
+    config.json into `folder`, the side folder of the package called `package_name`; nothing
+    without a tokenizer. Returns the files written."""
     if tokenizer is None:
         return []
-    folder = out_path.parent
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(folder)
     info = {
-        "package": out_path.name,
+        "package": package_name,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_ids": tokenizer.eos_token_ids,
         "pad_token_id": tokenizer.pad_token_id,

@@ -21,6 +21,7 @@ Precision `mode`:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,48 @@ from .mil_tensor_ops import TENSOR_OPS
 ALL_OPS = {**OPS, **TENSOR_OPS}
 
 MODES = ("declared", "fp16", "fp32")
+FP16_MAX = 65504.0
+# The builder names each layer's residual adds layers_<i>_residual_<part>: the evaluator uses
+# them to say in which layer an overflowing op sits.
+LAYER_OP = re.compile(r"layers_(\d+)_residual_(attention|mlp)$")
+
+
+@dataclass
+class Fp16Range:
+    """What the fp16-rounded results of one evaluation reached: the largest finite |value|
+    (and where), and the first op whose result overflowed fp16 from finite inputs."""
+
+    max_abs: float = 0.0
+    max_where: str = ""
+    overflow: str | None = None
+    part: str = "the embedding"  # where the evaluation is: updated at each named residual add
+
+    @property
+    def headroom(self) -> float:
+        """How many times larger the activations could grow before passing fp16's maximum."""
+        return FP16_MAX / self.max_abs if self.max_abs else float("inf")
+
+    def see(self, op_type: str, name: str, value: np.ndarray, inputs_finite) -> None:
+        """Record one op's result before it is rounded to fp16; inputs_finite() says whether
+        the op's inputs were all finite (asked only when the result is not)."""
+        if value.size == 0:
+            return
+        magnitude = np.abs(value)
+        finite = np.isfinite(magnitude)
+        largest = float(magnitude[finite].max()) if finite.any() else 0.0
+        where = f"op {op_type} ({name}) in {self.part}"
+        if largest > self.max_abs:
+            self.max_abs, self.max_where = largest, where
+        # fp16 rounds values from 65,520 up to inf.
+        overflowed = largest >= 65520.0 or not finite.all()
+        if self.overflow is None and overflowed and inputs_finite():
+            peak = largest if finite.all() else float("inf")
+            self.overflow = f"{where}: its result reached |x| = {peak:.4g}, past fp16's 65,504"
+        match = LAYER_OP.search(name)
+        if match and match[2] == "attention":
+            self.part = f"layer {match[1]} (its MLP)"
+        elif match:
+            self.part = f"layer {int(match[1]) + 1} (or the final norm and lm_head after the last)"
 
 
 @dataclass
@@ -72,6 +115,8 @@ class MilPackage:
         self._model_dir = spec_file.parent
         self._weight_files: dict[str, WeightFile] = {}
         self._const_cache: dict = {}
+        # fp16 results of every evaluation since the last reset (see Fp16Range).
+        self.fp16_range = Fp16Range()
         self.functions = {name: self._read_function(name, f) for name, f in self._program_items()}
         self.metadata = dict(self.spec.description.metadata.userDefined)
         self.default_function = self.spec.description.defaultFunctionName or next(
@@ -204,8 +249,27 @@ class _Evaluator:
         if dtype.kind != "f":
             return value.astype(dtype, copy=False)
         if self.mode == "fp16" or (self.mode == "declared" and dtype.itemsize == 2):
-            return value.astype(np.float16).astype(np.float32)
+            with np.errstate(over="ignore"):  # past 65,504 is inf, as on the device
+                return value.astype(np.float16).astype(np.float32)
         return value.astype(np.float32, copy=False)
+
+    def _rounds_to_fp16(self, dtype: np.dtype) -> bool:
+        return dtype.kind == "f" and (
+            self.mode == "fp16" or (self.mode == "declared" and dtype.itemsize == 2)
+        )
+
+    def _inputs_finite(self, op) -> bool:
+        """Whether every named floating-point input of `op` is finite (an overflow is counted
+        where it starts, not where it spreads)."""
+        for argument in op.inputs.values():
+            for binding in argument.arguments:
+                value = (
+                    self.env.get(binding.name) if binding.WhichOneof("binding") == "name" else None
+                )
+                if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                    if not np.isfinite(value).all():
+                        return False
+        return True
 
     def _as_declared(self, name: str, value):
         spec = self.function.output_specs.get(name)
@@ -249,7 +313,9 @@ class _Evaluator:
                 )
             args = OpArgs(self._resolve_inputs(op, where), where)
             try:
-                results = impl(args)
+                # inf and NaN propagate silently, as on the device; Fp16Range reports them.
+                with np.errstate(all="ignore"):
+                    results = impl(args)
             except MilEvalError:
                 raise
             except Exception as e:
@@ -260,6 +326,10 @@ class _Evaluator:
         produced = {}
         for out, value in zip(op.outputs, results):
             spec = tensor_spec(out.type, where)
+            if self._rounds_to_fp16(spec.dtype) and cache_key is None:
+                self.package.fp16_range.see(
+                    op.type, out.name, np.asarray(value), lambda: self._inputs_finite(op)
+                )
             value = self._round(np.asarray(value) if spec.dtype.kind != "O" else value, spec.dtype)
             shape = getattr(value, "shape", ())
             if spec.dtype.kind != "O" and (

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +39,11 @@ from .export import (
     folder_bytes,
     precision_weights,
     require_plain_base,
-    save_package,
+    save_staged,
     weight_bytes,
-    write_side_files,
 )
+from .fp16_range import DEFAULT_FIT, Fp16Fit, fit_fp16
+from .placement import relocate_reports, staged_export
 from .size_report import SizeReport, adapter_weight_bytes, pair_weight_bytes, weight_file_bytes
 from .weights import lora_branch
 
@@ -162,6 +163,9 @@ def export_multifunction(
     prefill_length: int = 32,
     fingerprint: dict | None = None,
     group_size: int = 32,
+    fit: Fp16Fit | None = DEFAULT_FIT,
+    check: Callable[[Path], object] | None = None,
+    keep_failed: bool = False,
 ) -> MultifunctionResult:
     """Export the plain base `model` and each adapter folder as function pairs of one package.
 
@@ -169,6 +173,7 @@ def export_multifunction(
     base_fingerprint() as the adapters were trained on it (before any quantisation for the
     export); computed from model and tokenizer when None. For an int4 export, quantise `model`
     with weights.quantize_for_int4 first, as the CLI does, so the package keeps its codes.
+    fit, check, keep_failed: as for export.export_coreml (the base's range is measured).
     Raises CoreMLExportError for bad settings or adapters of another base.
     """
     start = time.perf_counter()
@@ -180,6 +185,7 @@ def export_multifunction(
         fingerprint = base_fingerprint(model, tokenizer)
     configs = check_same_base(adapters, fingerprint)
     _, base = precision_weights(model, out_path, precision, context_length, group_size)
+    base, fitted = fit_fp16(model, tokenizer, base, fit)
     weights = {BASE_NAME: base}
     for name, folder in adapters.items():
         with adapter_loaded(model, folder):
@@ -190,29 +196,36 @@ def export_multifunction(
     metadata["adapter_mode"] = "multifunction"
     metadata["adapter_config"] = json.dumps(configs, sort_keys=True)
     metadata["functions"] = json.dumps(functions)
+    metadata["residual_scale"] = str(base.residual_scale)
     programs = {}
     for name, w in weights.items():
         prefill, decode = functions[name]
         # Built lazily, one at a time (a real base is hundreds of MB per built program).
         programs[prefill] = lambda w=w: build_program(w, prefill_length)
         programs[decode] = lambda w=w: build_program(w, 1)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_package(programs, out_path, metadata, default_function=functions[BASE_NAME][1])
-    files = write_side_files(tokenizer, out_path, context_length, prefill_length, model)
-    package_bytes = folder_bytes(out_path)
-    # Measured in the saved package: what the base's functions read, and what each adapter's
-    # functions read beyond that (its A and B, stored once for its prefill and decode).
-    base_bytes, own_bytes = pair_weight_bytes(out_path, functions, BASE_NAME)
-    sizes = SizeReport(
-        kind="multifunction",
-        package=out_path,
-        base_weight_bytes=base_bytes,
-        package_bytes=package_bytes,
-        weight_file_bytes=weight_file_bytes(out_path),
-        function_pairs=len(functions),
-        adapter_bytes=own_bytes,
-        adapter_tensor_bytes={n: adapter_weight_bytes(weights[n]) for n in adapters},
-    )
+    default = functions[BASE_NAME][1]
+    with staged_export(out_path, keep_failed) as staging:
+        files = save_staged(
+            staging, programs, metadata, tokenizer, model, context_length, default_function=default
+        )
+        assert_same_states(staging.package)
+        staged = staging.package
+        package_bytes = folder_bytes(staged)
+        # Measured in the saved package: what the base's functions read, and what each
+        # adapter's functions read beyond that (its A and B, stored once for its prefill and
+        # decode).
+        base_bytes, own_bytes = pair_weight_bytes(staged, functions, BASE_NAME)
+        sizes = SizeReport(
+            kind="multifunction",
+            package=out_path,
+            base_weight_bytes=base_bytes,
+            package_bytes=package_bytes,
+            weight_file_bytes=weight_file_bytes(staged),
+            function_pairs=len(functions),
+            adapter_bytes=own_bytes,
+            adapter_tensor_bytes={n: adapter_weight_bytes(weights[n]) for n in adapters},
+        )
+        validation = None if check is None else check(staged)
     return MultifunctionResult(
         path=out_path,
         precision=precision,
@@ -226,7 +239,24 @@ def export_multifunction(
         functions=functions,
         adapters=adapters,
         sizes=sizes,
+        fit=fitted,
+        validation=relocate_reports(validation, out_path),
     )
+
+
+def assert_same_states(package_path: Path) -> None:
+    """Every function of the package declares the same states (names, shapes, dtypes): the app
+    makes one state and passes it to every function, which Core ML accepts only then."""
+    from .mil_eval import load_package
+
+    package = load_package(package_path)
+    declared = {
+        name: sorted((n, s.shape, str(s.dtype)) for n, s in f.inputs.items() if s.is_state)
+        for name, f in package.functions.items()
+    }
+    first = next(iter(declared.values()))
+    different = [name for name, states in declared.items() if states != first]
+    assert not different, f"functions {different} declare other states than {first}"
 
 
 def validate_multifunction(

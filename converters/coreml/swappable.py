@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +43,11 @@ from .export import (
     folder_bytes,
     precision_weights,
     require_plain_base,
-    save_package,
+    save_staged,
     weight_bytes,
-    write_side_files,
 )
+from .fp16_range import DEFAULT_FIT, Fp16Fit, fit_fp16
+from .placement import relocate_reports, staged_export
 from .size_report import SizeReport, pair_weight_bytes, weight_file_bytes
 
 SUPPORTED_TARGETS = tuple(name for names in PROJECTIONS.values() for name in names)
@@ -213,11 +214,15 @@ def export_swappable(
     prefill_length: int = 32,
     fingerprint: dict | None = None,
     group_size: int = 32,
+    fit: Fp16Fit | None = DEFAULT_FIT,
+    check: Callable[[Path], object] | None = None,
+    keep_failed: bool = False,
 ) -> SwappableResult:
     """Export the plain base `model` with LoRA inputs for `targets` up to rank `r_max`.
 
     fingerprint: the base's base_fingerprint() before any quantisation for the export (the
     one adapters record); computed when None. Adapter files: adapter_file.write_adapter_file.
+    fit, check, keep_failed: as for export.export_coreml (the base's range is measured).
     Raises CoreMLExportError for bad settings or unsupported targets.
     """
     start = time.perf_counter()
@@ -244,7 +249,9 @@ def export_swappable(
             f"swappable packages take fp16 adapter inputs; export them at int4 or fp16, "
             f"not {precision}"
         )
+    w, fitted = fit_fp16(model, tokenizer, w, fit)
     metadata = common_metadata(model, precision, context_length, prefill_length, fingerprint)
+    metadata["residual_scale"] = str(w.residual_scale)
     metadata["adapter_mode"] = "swappable"
     metadata["adapter_config"] = "null"
     metadata["lora_targets"] = ",".join(layout.targets)
@@ -259,20 +266,29 @@ def export_swappable(
         PREFILL_FUNCTION: lambda: build_program(w, prefill_length, specs, bind),
         DECODE_FUNCTION: lambda: build_program(w, 1, specs, bind),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_package(programs, out_path, metadata, descriptions=layout.descriptions())
-    files = write_side_files(tokenizer, out_path, context_length, prefill_length, model)
-    package_bytes = folder_bytes(out_path)
-    sizes = SizeReport(
-        kind="swappable",
-        package=out_path,
-        # Every blob of a swappable package is the base's: its adapters come as inputs.
-        base_weight_bytes=pair_weight_bytes(out_path, {"base": tuple(programs)}, "base")[0],
-        package_bytes=package_bytes,
-        weight_file_bytes=weight_file_bytes(out_path),
-        function_pairs=1,
-        adapters_inside=False,
-    )
+    with staged_export(out_path, keep_failed) as staging:
+        files = save_staged(
+            staging,
+            programs,
+            metadata,
+            tokenizer,
+            model,
+            context_length,
+            descriptions=layout.descriptions(),
+        )
+        staged = staging.package
+        package_bytes = folder_bytes(staged)
+        sizes = SizeReport(
+            kind="swappable",
+            package=out_path,
+            # Every blob of a swappable package is the base's: its adapters come as inputs.
+            base_weight_bytes=pair_weight_bytes(staged, {"base": tuple(programs)}, "base")[0],
+            package_bytes=package_bytes,
+            weight_file_bytes=weight_file_bytes(staged),
+            function_pairs=1,
+            adapters_inside=False,
+        )
+        validation = None if check is None else check(staged)
     return SwappableResult(
         path=out_path,
         precision=precision,
@@ -285,6 +301,8 @@ def export_swappable(
         files=files,
         layout=layout,
         sizes=sizes,
+        fit=fitted,
+        validation=relocate_reports(validation, out_path),
     )
 
 

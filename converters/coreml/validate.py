@@ -22,7 +22,7 @@ import numpy as np
 
 from ondevice_lora.errors import OndeviceLoraError
 
-from .mil_eval import MODES, MilPackage, load_package
+from .mil_eval import MODES, Fp16Range, MilPackage, load_package
 from .mil_storage import DECODE_FUNCTION, METADATA_PREFIX, PREFILL_FUNCTION
 
 # fp32 exports compute what MLX computes in fp32: only summation order differs.
@@ -134,6 +134,14 @@ class ValidationReport:
     runtime: Comparison | None = None
     runtime_skip_reason: str | None = None
     seconds: float = 0.0
+    # The fp16-rounded results of the numpy evaluation: largest |activation|, headroom and the
+    # first op that overflowed (None for an evaluation that rounds nothing to fp16).
+    fp16_range: Fp16Range | None = None
+
+    @property
+    def headroom(self) -> float | None:
+        """fp16's maximum over the largest |activation| the evaluation saw (None: no fp16)."""
+        return None if self.fp16_range is None else self.fp16_range.headroom
 
     @property
     def max_abs_diff(self) -> float:
@@ -150,7 +158,8 @@ class ValidationReport:
     @property
     def passed(self) -> bool:
         checks = [self.interpreter] + ([self.runtime] if self.runtime else [])
-        return all(c.passes(self.max_abs_bound, self.tolerances) for c in checks)
+        overflowed = self.fp16_range is not None and self.fp16_range.overflow is not None
+        return not overflowed and all(c.passes(self.max_abs_bound, self.tolerances) for c in checks)
 
     def summary(self) -> str:
         """A few lines for the CLI and for error messages."""
@@ -160,6 +169,18 @@ class ValidationReport:
             f"bound {self.max_abs_bound:.3g} (largest |logit| {self.logit_scale:.3g})",
             f"  numpy evaluation of the saved package: {self.interpreter.describe()}",
         ]
+        fp16 = self.fp16_range
+        if fp16 is not None and fp16.max_abs:
+            lines.append(
+                f"  fp16 activations: largest |x| {fp16.max_abs:.4g} at {fp16.max_where}; "
+                f"headroom {fp16.headroom:.3g}x below fp16's 65,504"
+            )
+        if fp16 is not None and fp16.overflow is not None:
+            lines.append(
+                f"  fp16 OVERFLOW: {fp16.overflow}. The device computes this package in fp16 and "
+                "gets inf there; export with rescaling on (the default) or a --calibration text "
+                "that reaches such activations, or export at --precision fp32."
+            )
         if self.runtime is not None:
             lines.append(f"  Core ML runtime: {self.runtime.describe()}")
         else:
@@ -375,6 +396,9 @@ def validate_package(
     logit_scale = float(np.abs(reference).max())
     tie_margin = tolerances.tie(logit_scale)
     runner = PackageRunner(package, functions, mode, extra_inputs)
+    package.fp16_range = Fp16Range()
+    interpreter = compare_logits(reference, run_package(runner, prompt_ids, fed), tie_margin)
+    seen = package.fp16_range
     report = ValidationReport(
         package=str(package.path),
         functions=tuple(functions),
@@ -384,7 +408,8 @@ def validate_package(
         logit_scale=logit_scale,
         max_abs_bound=tolerances.bound(logit_scale),
         tolerances=tolerances,
-        interpreter=compare_logits(reference, run_package(runner, prompt_ids, fed), tie_margin),
+        interpreter=interpreter,
+        fp16_range=seen if mode != "fp32" and (seen.max_abs or seen.overflow) else None,
     )
     report.runtime_skip_reason = runtime_unavailable_reason()
     if report.runtime_skip_reason is None:

@@ -36,6 +36,7 @@ from ..loading.convert import (
     source_dtype,
     write_model_folder,
 )
+from ..models.activation_range import FP16_MAX, measure_ranges
 from .fuse_report import (
     MAX_EFFECT_ERROR,
     MIN_KEPT_SHARE,
@@ -75,6 +76,9 @@ SAMPLE_TEXTS = (
     "On Monday it rained; on Friday the sun came out at 7:30.",
 )
 MAX_SAMPLE_TOKENS = 64
+# float16 is kept only where the activations measured stay under its maximum by this factor:
+# other texts reach further than the samples (SmolLM2-135M: 2.5e4, kept; Gemma 3: 1e5, not).
+FP16_HEADROOM = 2.0
 
 
 def fuse(
@@ -117,18 +121,21 @@ def fuse(
             "Fuse without --requantize, then quantise the result with `ondevice-lora convert`."
         )
     dense = not quantised if dequantize is None else dequantize
-    dtype = dtype or source_dtype(config)
 
     names = names_for(adapter_paths)
     active = dict(zip(names, weights))
     load_adapters(net, dict(zip(names, adapter_paths)), tokenizer, active=active)
     # MLX's CPU backend emulates float16 and bfloat16 arithmetic, some 50x slower than float32,
-    # so there the models are evaluated in float32. Casting up is exact: each model still
-    # computes with the values it stores.
+    # so there base and adapted models are evaluated in float32. Casting up is exact: each
+    # model still computes with the values it stores. The fused model is evaluated in the dtype
+    # it is written in (below): that is the model the user gets.
     compute = mx.float32 if mx.default_device() == mx.cpu else None
     if compute is not None:
         net.set_dtype(compute)
     inputs = _sample_inputs(tokenizer, samples)
+    dtype_note = None
+    if dtype is None:
+        dtype, dtype_note = output_dtype(net, source_dtype(config), inputs)
     set_active(net, None)
     base_logits = _logits(net, inputs)
     set_active(net, active)
@@ -145,11 +152,8 @@ def fuse(
     replace_modules(net, fused)
     if dense:
         dequantize_model(net)  # the layers no adapter touched
-    net.set_dtype(getattr(mx, dtype))  # what will be written
-    if compute is not None:
-        net.set_dtype(compute)
-    fused_logits = _logits(net, inputs)
-    net.set_dtype(getattr(mx, dtype))
+    net.set_dtype(getattr(mx, dtype))  # what will be written, and evaluated
+    fused_logits = _logits(net, inputs).astype(mx.float32)
 
     error = mx.linalg.norm(fused_logits - adapted_logits).item()
     effect = mx.linalg.norm(adapted_logits - base_logits).item()
@@ -162,6 +166,8 @@ def fuse(
         logits_error=error / max(mx.linalg.norm(adapted_logits).item(), 1e-30),
         effect_error=error / effect if effect > 0 else float("nan"),
         warnings=[],
+        dtype_note=dtype_note,
+        finite=bool(mx.isfinite(fused_logits).all().item()),
     )
     report.warnings = loss_warnings(report)
     for message in report.warnings:
@@ -172,6 +178,26 @@ def fuse(
         out_folder, net, tokenizer, output_config(config, quant, dtype), source, force
     )
     return report
+
+
+def output_dtype(net: nn.Module, source: str, inputs: list[mx.array]) -> tuple[str, str | None]:
+    """The dtype to write when the user names none: the source's, unless that is float16 and
+    the model's activations (measured in float32 on the sample texts, adapters active) would
+    pass float16's range, then bfloat16 (float32's range at half its size), with a note.
+
+    A GGUF source has no dtype of its own and reads as float16: Gemma 3 270M's residual stream
+    reaches ~1e5, past float16's 65,504, and a float16 Gemma generates only padding.
+    """
+    if source != "float16":
+        return source, None
+    ranges = measure_ranges(net, [ids[0].tolist() for ids in inputs])
+    if ranges.largest * FP16_HEADROOM <= FP16_MAX:
+        return source, None
+    return "bfloat16", (
+        f"writing bfloat16, not the source's float16: the model's activations reach "
+        f"{ranges.largest:.3g} on the sample texts, past float16's {FP16_MAX:.0f} / "
+        f"{FP16_HEADROOM:g} (give --dtype to choose)"
+    )
 
 
 def fold_and_measure(

@@ -54,6 +54,8 @@ class FuseReport:
     logits_error: float  # ||fused - adapted|| / ||adapted||, over all sample logits
     effect_error: float  # ||fused - adapted|| / ||adapted - base||
     warnings: list[str]
+    dtype_note: str | None = None  # why fuse chose another dtype than the source's
+    finite: bool = True  # every fused logit finite, evaluated in `dtype`
 
     @property
     def kept(self) -> float:
@@ -78,6 +80,12 @@ def loss_warnings(report: FuseReport) -> list[str]:
     else:
         storage, advice = "float32 weights", f"Better {separate}."
     found = []
+    if not report.finite:
+        found.append(
+            f"the fused model's logits are not finite in {report.dtype}: its activations "
+            f"overflow {report.dtype}, and it would generate garbage. Fuse with --dtype bfloat16 "
+            "or --dtype float32."
+        )
     if report.kept < MIN_KEPT_SHARE:
         found.append(
             f"only {report.kept:.1%} of the adapters' update survives {storage} (MIN_KEPT_SHARE "
@@ -118,11 +126,14 @@ def print_report(report: FuseReport, console) -> None:
         soft_wrap=True,
     )
     console.print(
-        f"Logits vs base + adapter on {report.sample_tokens} sample tokens: relative error "
+        f"Logits ({report.dtype}) vs base + adapter on {report.sample_tokens} sample tokens: "
+        f"relative error "
         f"{report.logits_error:.2e}, {_percent(report.effect_error)} of the adapters' effect "
         f"(warn above {MAX_EFFECT_ERROR:.0%})",
         soft_wrap=True,
     )
+    if report.dtype_note:
+        console.print(f"Note: {escape(report.dtype_note)}", soft_wrap=True)
     for message in report.warnings:
         console.print(f"[bold yellow]Warning:[/] {escape(message)}", soft_wrap=True)
 

@@ -46,10 +46,13 @@ public func compiledModel(for package: URL) async throws -> URL {
 ///
 /// Multifunction package: `prefill_base`/`decode_base`, or `prefill_<adapter>`/`decode_<adapter>`.
 /// Swappable package: `prefill`/`decode`, with the adapter tensors in `extraInputs`.
-/// Not thread-safe: predictions that share one MLState must run one after another.
+/// Predictions that share one MLState must run one after another: every stateful call goes
+/// through one serial queue, so calls from several threads or tasks are safe. The MLState is
+/// only valid while the MLModel that made it is alive, so the model is held beside the state
+/// (`stateOwner`) for as long as the state is used, and replaced together with it.
 public final class LanguageModel {
-    let prefill: MLModel
-    let decode: MLModel
+    private(set) var prefill: MLModel
+    private(set) var decode: MLModel
     public let prefillLength: Int
     public let contextLength: Int
     /// The package's user-defined metadata (strings), e.g. the base fingerprint.
@@ -59,6 +62,10 @@ public final class LanguageModel {
     /// Number of tokens in the KV cache, the `position` of the next call.
     public private(set) var position = 0
     private var state: MLState
+    /// The model that made `state`: kept alive as long as the state is used.
+    private var stateOwner: MLModel
+    /// One serial queue for every call that reads or writes `state`.
+    private let queue = DispatchQueue(label: "ondevice-lora.language-model")
 
     public init(compiledModel url: URL, prefillFunction: String, decodeFunction: String) async throws {
         let prefill = try await LanguageModel.load(function: prefillFunction, from: url)
@@ -78,6 +85,22 @@ public final class LanguageModel {
         contextLength = context
         // Both functions declare the same key_cache/value_cache states, so one MLState serves both.
         state = prefill.makeState()
+        stateOwner = prefill
+    }
+
+    /// Switches to another adapter's function pair of the same package (multifunction). The KV
+    /// cache was computed with the old adapter, so the conversation starts over with a fresh
+    /// state made by the new functions (never reuse the old state with them).
+    public func switchFunctions(compiledModel url: URL, prefillFunction: String, decodeFunction: String) async throws {
+        let newPrefill = try await LanguageModel.load(function: prefillFunction, from: url)
+        let newDecode = try await LanguageModel.load(function: decodeFunction, from: url)
+        queue.sync {
+            prefill = newPrefill
+            decode = newDecode
+            state = newPrefill.makeState()
+            stateOwner = newPrefill
+            position = 0
+        }
     }
 
     static func load(function: String, from url: URL) async throws -> MLModel {
@@ -93,8 +116,11 @@ public final class LanguageModel {
 
     /// Starts a new conversation: zeroed KV cache, position 0.
     public func reset() {
-        state = prefill.makeState()
-        position = 0
+        queue.sync {
+            state = prefill.makeState()
+            stateOwner = prefill
+            position = 0
+        }
     }
 
     /// Feeds `tokens` after what the cache holds and returns the greedy next token.
@@ -104,6 +130,11 @@ public final class LanguageModel {
     /// A single token, or a chunk whose padding would run past the context, goes through `decode`.
     public func append(_ tokens: [Int]) throws -> Int {
         precondition(!tokens.isEmpty, "append needs at least one token")
+        return try queue.sync { try appendOnQueue(tokens) }
+    }
+
+    private func appendOnQueue(_ tokens: [Int]) throws -> Int {
+        dispatchPrecondition(condition: .onQueue(queue))
         var next = 0
         var start = 0
         while start < tokens.count {
@@ -138,6 +169,7 @@ public final class LanguageModel {
             Contract.position: MLFeatureValue(multiArray: pos),
         ]
         for (name, array) in extraInputs { features[name] = MLFeatureValue(multiArray: array) }
+        // `state` was made by `stateOwner`, alive as long as this object holds both.
         let output = try model.prediction(from: MLDictionaryFeatureProvider(dictionary: features), using: state)
         guard let logits = output.featureValue(for: Contract.logits)?.multiArrayValue else {
             throw OndeviceLoRAError.badPackage("no \(Contract.logits) output")

@@ -1,8 +1,8 @@
 // Runs the same code an iPhone app would, from a Mac (macOS 15, Apple silicon):
 //
-//   swift run ondevice-lora-demo multi.mlpackage tokenizer/ --adapter support "Hello"
-//   swift run ondevice-lora-demo swappable.mlpackage tokenizer/ --adapter-file support.coreml-adapter.safetensors "Hello"
-//   swift run ondevice-lora-demo swappable.mlpackage tokenizer/ --swappable "Hello"   (base: zero adapter inputs)
+//   swift run ondevice-lora-demo multi.mlpackage multi-tokenizer/ --adapter support "Hello"
+//   swift run ondevice-lora-demo swappable.mlpackage swappable-tokenizer/ --adapter-file support.coreml-adapter.safetensors "Hello"
+//   swift run ondevice-lora-demo swappable.mlpackage swappable-tokenizer/ --swappable "Hello"   (base: zero adapter inputs)
 //
 // A multifunction package without --adapter runs its plain base (prefill_base/decode_base).
 import Foundation
