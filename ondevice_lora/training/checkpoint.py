@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..atomic import fsync_dir, fsync_file, write_text_atomically
+from ..atomic import fsync_dir, fsync_file, output_errors, write_text_atomically
 from ..errors import OndeviceLoraError, format_list
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -97,14 +97,26 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `state.step` atomically and point `latest` at it; returns its folder."""
     root = Path(adapter_path) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
+    with output_errors(root):
+        root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(state.step)
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        # A full disk or a folder turned read-only names the checkpoint and keeps the last one.
+        with output_errors(final):
+            _write_checkpoint(tmp, final, state, adapter_weights, optimizer_state)
+            write_text_atomically(root / LATEST_FILE, name + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune(root, keep=name)
+    return final
 
+
+def _write_checkpoint(tmp: Path, final: Path, state, adapter_weights, optimizer_state) -> None:
+    tmp.mkdir()
     mx.save_safetensors(str(tmp / ADAPTER_FILE), adapter_weights)
     fsync_file(tmp / ADAPTER_FILE)
     _pause()
@@ -115,14 +127,10 @@ def save_checkpoint(
     (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1) + "\n")
     fsync_file(tmp / STATE_FILE)
     fsync_dir(tmp)
-
     if final.exists():  # the same step written again after a resume from an earlier one
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fsync_dir(root)
-    write_text_atomically(root / LATEST_FILE, name + "\n")
-    _prune(root, keep=name)
-    return final
+    fsync_dir(final.parent)
 
 
 def _complete(folder: Path) -> bool:
