@@ -71,8 +71,10 @@ def header_problems(header) -> list[str]:
         return [f"the header is a JSON {type(header).__name__}, not an object"]
     problems = []
     for name, entry in header.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+        if name == "__metadata__":  # MLX writes null when there is none
+            if entry is not None and not (
+                isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+            ):
                 problems.append("__metadata__ must map names to strings")
             continue
         if not isinstance(entry, dict):
