@@ -122,7 +122,7 @@ class LoraConfig:
             problems.append(
                 f"num_layers must be a positive integer or null (all layers), got {self.num_layers!r}"
             )
-        if self.fine_tune_type not in FINE_TUNE_TYPES:
+        if not isinstance(self.fine_tune_type, str) or self.fine_tune_type not in FINE_TUNE_TYPES:
             problems.append(
                 f"fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, "
                 f"got {self.fine_tune_type!r}"

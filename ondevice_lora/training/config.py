@@ -206,12 +206,12 @@ class TrainConfig:
                 ("adapter_path", f"adapter_path {str(self.adapter_path)!r} is a file; it must "
                  "be a folder (new, or one an earlier run wrote)")
             )  # fmt: skip
-        check("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
-        check("batching", self.batching in BATCHING, f"one of {', '.join(BATCHING)}")
+        check("optimizer", _choice(self.optimizer, OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}")
+        check("batching", _choice(self.batching, BATCHING), f"one of {', '.join(BATCHING)}")
         for key in ("cache_limit_gb", "memory_limit_gb"):
             value = getattr(self, key)
             check(key, value is None or (_number(value) and value >= 0), "a number >= 0 or null")
-        check("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
+        check("lr_schedule", _choice(self.lr_schedule, SCHEDULES), f"one of {', '.join(SCHEDULES)}")
         check("learning_rate", _number(self.learning_rate) and self.learning_rate > 0, "> 0")
         check("min_learning_rate", _number(self.min_learning_rate), "a number >= 0")
         if (
@@ -409,6 +409,11 @@ def _split_problems(error: Exception, keys) -> list[tuple[str, str]]:
         key = message.split(" ", 1)[0]
         pairs.append((key if key in keys else "", message))
     return pairs
+
+
+def _choice(value, options) -> bool:
+    # A list or dict from a YAML file is no option (and not hashable for a dict lookup).
+    return isinstance(value, str) and value in options
 
 
 def _number(value) -> bool:
