@@ -140,40 +140,49 @@ import mlx.core as mx
 save = mx.save_safetensors
 
 
-def save_then_die(*args, **kwargs):  # the process dies right after the weights are written
+def save_then_die(*args, **kwargs):  # the process dies right after the first weights file
     save(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-mx.save_safetensors = save_then_die
-from converters.formats.peft import export_peft
-
-export_peft(sys.argv[1], sys.argv[2])
+if sys.argv[1] == "kill":
+    mx.save_safetensors = save_then_die
 """
+EXPORTS = {
+    "peft": "from converters.formats.peft import export_peft as export",
+    "mlx-lm": "from converters.formats.mlx_lm import export_mlx_lm as export",
+    "fuse": "from ondevice_lora.adapters.fuse import fuse\n"
+    "export = lambda adapter, out: fuse(sys.argv[4], [adapter], out, force=True)",
+}
 
 
-def test_export_killed_after_the_weights_leaves_the_previous_export_whole(model_folder, tmp_path):
-    from converters.formats.peft import export_peft
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPORTS))
+def test_an_export_killed_mid_write_leaves_the_previous_one_whole(model_folder, tmp_path, kind):
     from tests.adapter_fixtures import write_adapter
 
     first = write_adapter(model_folder, tmp_path / "a1", LoraConfig(rank=2, alpha=4.0), seed=1)
     second = write_adapter(model_folder, tmp_path / "a2", LoraConfig(rank=2, alpha=32.0), seed=2)
-    out = tmp_path / "peft"
-    export_peft(first, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out = tmp_path / "out"
+    script = KILL_AFTER_WEIGHTS + EXPORTS[kind] + "\nexport(sys.argv[2], sys.argv[3])\n"
+    assert child(script, "run", first, out, model_folder).returncode == 0
+    before = folder_bytes(out)
 
-    killed = child(KILL_AFTER_WEIGHTS, second, out)
+    killed = child(script, "kill", second, out, model_folder)
     assert killed.returncode == -9, killed.stderr
-    # The earlier export, untouched: its weights with its own lora_alpha, not the new weights.
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    (stale,) = [p for p in tmp_path.iterdir() if p.name.startswith(".peft.partial-")]
+    # The earlier export, untouched: e.g. not new PEFT weights beside the old lora_alpha.
+    assert folder_bytes(out) == before
+    (stale,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
 
-    result = child("import sys; from converters.formats.peft import export_peft\n"
-                   "export_peft(sys.argv[1], sys.argv[2])", second, out)  # fmt: skip
+    result = child(script, "run", second, out, model_folder)
     assert result.returncode == 0, result.stderr
     assert f"Removed {stale}, left by an interrupted run" in result.stderr
-    assert not stale.exists()
-    assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 32.0
+    assert not stale.exists() and folder_bytes(out) != before
+    if kind == "peft":
+        assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 32.0
 
 
 def test_export_refuses_a_folder_holding_other_files(model_folder, tmp_path):
