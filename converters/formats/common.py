@@ -169,8 +169,8 @@ def check_distinct(source, out) -> None:
     source, target = Path(source).resolve(), Path(out).resolve()
     if target == source or target in source.parents:
         raise AdapterFormatError(
-            f"{out}: is or holds the folder being converted, which writing it would replace. "
-            "Choose another --out."
+            f"{out}: is or holds the folder being converted, whose files would be overwritten "
+            "(the output folder is replaced whole). Choose another --out."
         )
 
 

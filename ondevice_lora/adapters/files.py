@@ -355,7 +355,7 @@ def check_finite(tensors: dict[str, mx.array], source) -> None:
     bad = [name for name, value in tensors.items() if not mx.all(mx.isfinite(value)).item()]
     if bad:
         raise AdapterError(
-            f"{source}: {len(bad)} adapter tensor(s) hold NaN or infinite values: "
+            f"{source}: non-finite weights (NaN or infinity) in {len(bad)} adapter tensor(s): "
             f"{format_list(sorted(bad))}. The training that wrote them diverged; use an earlier "
             "checkpoint, or train again with a lower learning rate."
         )
