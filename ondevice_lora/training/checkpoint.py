@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..atomic import fsync_dir, fsync_file, output_errors, write_text_atomically
 from ..errors import OndeviceLoraError, format_list
+from ..loading.weights import read_safetensors
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -177,9 +178,14 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[TrainState, dict, dict]:
         raise CheckpointError(
             f"{folder / STATE_FILE}: not valid JSON at line {e.lineno}: {e.msg}."
         ) from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{folder / STATE_FILE}: not a JSON text ({e}).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{folder / STATE_FILE}: expected a JSON object.")
     state = TrainState.from_dict(data, folder / STATE_FILE)
-    adapter = mx.load(str(folder / ADAPTER_FILE))
-    optimizer = mx.load(str(folder / OPTIMIZER_FILE))
+    # Header-checked reads: a damaged file is an error naming it, not a crash inside MLX.
+    adapter = read_safetensors(folder / ADAPTER_FILE)
+    optimizer = read_safetensors(folder / OPTIMIZER_FILE)
     return state, adapter, optimizer
 
 
