@@ -229,6 +229,16 @@ def test_crafted_gguf_files_are_clear_errors(tmp_path, content, expected):
     assert str(path) in str(error.value) and expected in str(error.value)
 
 
+def test_a_gguf_without_model_metadata_is_a_clear_error(tmp_path):
+    from ondevice_lora.loading.hf import load_gguf
+
+    path = tmp_path / "model.gguf"
+    architecture = gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("llama")
+    path.write_bytes(gguf_bytes([architecture], [f32_tensor("w", 4)]))
+    with pytest.raises(ModelLoadError, match="the GGUF metadata does not describe a model"):
+        load_gguf(path)
+
+
 def test_a_well_formed_crafted_gguf_reads(tmp_path):
     # The builder above makes valid files: what the failures above test is the one change each.
     path = tmp_path / "model.gguf"
