@@ -6,10 +6,70 @@ the target; the folder is then synced so the rename itself survives a power cut.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import OndeviceLoraError
+
+# errno -> what the user is told; the folder named with it says where.
+_NO_SPACE = "no space left on the device"
+_WRITE_PROBLEMS = {
+    errno.ENOSPC: _NO_SPACE,
+    errno.EDQUOT: _NO_SPACE + " (the disk quota is used up)",
+    errno.EFBIG: _NO_SPACE + " for a file this large (the file-size limit was reached)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "permission denied (the file system is read-only)",
+}
+
+
+class OutputError(OndeviceLoraError):
+    """An output could not be written (disk full, permission denied); names the path."""
+
+
+def _explain(path: Path, error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno in _WRITE_PROBLEMS:
+        return _WRITE_PROBLEMS[error.errno]
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    # MLX's writers raise RuntimeError("[write] Unable to write N bytes ...") without errno:
+    # find the cause ourselves.
+    folder = path.parent if str(path.parent) else Path(".")
+    if folder.exists() and not os.access(folder, os.W_OK):
+        return "permission denied"
+    return f"{_NO_SPACE}, or the file-size limit was reached ({error})"
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """A failure of the disk or its permissions, not of our code: OSError with one of the
+    errnos above, or MLX's errno-less RuntimeError from a file it could not open or write."""
+    if isinstance(error, OSError):
+        return error.errno in _WRITE_PROBLEMS
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "Unable to write" in text or "Unable to open" in text
+    )
+
+
+@contextlib.contextmanager
+def output_errors(path: str | os.PathLike):
+    """Turn a failed write under `path` into an OutputError that names it and says why, with
+    what to do; the caller leaves the previous output as it was."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not is_write_failure(e):
+            raise
+        path = Path(path)
+        raise OutputError(
+            f"{path}: could not write it: {_explain(path, e)}. The previous output there is "
+            "unchanged; free some space or choose a folder you can write to, then run the "
+            "command again."
+        ) from None
 
 
 def fsync_file(path: Path) -> None:
@@ -40,10 +100,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    remove_stale(path)
     try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        with output_errors(path):
+            write(tmp)
+            fsync_file(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -64,11 +126,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(target: str | os.PathLike, say: Callable[[str], object] | None = None) -> list:
+def _to_stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def remove_stale(
+    target: str | os.PathLike, say: Callable[[str], object] | None = _to_stderr
+) -> list:
     """Remove what a killed run left beside `target`: temporary files and folders whose process
     is gone (names `.{name}.partial-{pid}`, `.{name}.old-{pid}` and `.{stem}.{pid}.tmp{suffix}`).
 
-    Returns the removed paths; `say` (e.g. a print to stderr) is told about each one.
+    Returns the removed paths; `say` (by default a line on stderr) is told about each one, so
+    nothing disappears unannounced.
     """
     import shutil
 
@@ -112,7 +183,7 @@ class atomic_folder:
     error, or a kill, the temporary folder is removed now or by the next run on the same target.
     """
 
-    def __init__(self, target: str | os.PathLike, say: Callable[[str], object] | None = None):
+    def __init__(self, target: str | os.PathLike, say: Callable[[str], object] | None = _to_stderr):
         self.target = Path(target)
         self.say = say
         self.tmp = self.target.with_name(f".{self.target.name}.partial-{os.getpid()}")
@@ -123,7 +194,8 @@ class atomic_folder:
         remove_stale(self.target, self.say)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        with output_errors(self.target):
+            self.tmp.mkdir(parents=True)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -131,6 +203,9 @@ class atomic_folder:
 
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if is_write_failure(exc):
+                with output_errors(self.target):
+                    raise exc
             return
         try:
             for path in self.tmp.rglob("*"):
@@ -146,6 +221,7 @@ class atomic_folder:
                     self.target.unlink()
                 os.replace(self.tmp, self.target)
             fsync_dir(self.target.parent)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
+            with output_errors(self.target):
+                raise e

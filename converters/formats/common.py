@@ -7,6 +7,7 @@ format module only renames, transposes and re-describes them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,14 +25,15 @@ from ondevice_lora.adapters.files import (
     AdapterError,
     LoraConfig,
     base_fingerprint,
+    check_finite,
     expected_adapter_shapes,
     read_adapter_config,
     tensor_mismatches,
 )
 from ondevice_lora.adapters.layers import ADAPTER_DTYPE, ADAPTER_PARAMETER_NAMES
-from ondevice_lora.atomic import write_atomically, write_text_atomically
+from ondevice_lora.atomic import atomic_folder
 from ondevice_lora.errors import format_list
-from ondevice_lora.loading.weights import read_safetensors
+from ondevice_lora.loading.weights import check_safetensors_file, read_safetensors
 
 # A decoder-layer module path: "model.layers.<index>.<path inside the layer>".
 _LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -52,7 +54,9 @@ def read_our_adapter(folder) -> tuple[LoraConfig, dict | None, dict[str, dict[st
     if not weights_path.is_file():
         raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS_FILE} is missing.")
     modules: dict[str, dict[str, mx.array]] = {}
-    for key, value in read_safetensors(weights_path).items():
+    tensors = read_safetensors(weights_path)
+    check_finite(tensors, weights_path)
+    for key, value in tensors.items():
         path, _, name = key.rpartition(".")
         if name not in ADAPTER_PARAMETER_NAMES or not _LAYER_PATH.match(path):
             raise AdapterError(
@@ -74,18 +78,39 @@ def read_our_adapter(folder) -> tuple[LoraConfig, dict | None, dict[str, dict[st
 
 
 def write_our_adapter(out, tensors: dict[str, mx.array], config: LoraConfig, fingerprint) -> Path:
-    """Write an adapter folder as `save_adapter` does, from tensors rather than a wrapped model."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write an adapter folder as `save_adapter` does, from tensors rather than a wrapped model;
+    whole or not at all (see export_folder)."""
     tensors = {k: v.astype(ADAPTER_DTYPE) for k, v in tensors.items()}
-    write_atomically(
-        out / ADAPTER_WEIGHTS_FILE,
-        lambda tmp: mx.save_safetensors(str(tmp), tensors, {"format": "mlx"}),
-    )
-    # The config goes last, as in save_adapter: a readable config means complete weights.
     data = {**config.to_dict(), BASE_KEY: fingerprint}
-    write_text_atomically(out / ADAPTER_CONFIG_FILE, json.dumps(data, indent=2) + "\n")
-    return out
+    with export_folder(out, ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE) as tmp:
+        mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS_FILE), tensors, {"format": "mlx"})
+        (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    return Path(out)
+
+
+@contextlib.contextmanager
+def export_folder(out, weights_file: str, config_file: str):
+    """A temporary folder to write an adapter export into; on leaving, its two files are read
+    back, and the folder replaces `out` in one rename (ondevice_lora.atomic.atomic_folder).
+
+    So `out` holds the old export or the new one, never new weights beside an old config,
+    whatever stops the run. An `out` holding files other than an export's is refused: the
+    whole folder is replaced.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AdapterFormatError(f"{out} is a file; --out must be a folder (new or empty).")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in (weights_file, config_file))
+        if others:
+            raise AdapterFormatError(
+                f"{out} holds other files ({format_list(others)}); an export replaces its folder "
+                "whole, so choose a new or empty --out."
+            )
+    with atomic_folder(out) as tmp:
+        yield tmp
+        check_safetensors_file(tmp / weights_file)
+        read_json_object(tmp / config_file, "a complete export")
 
 
 # --- module paths -------------------------------------------------------------------------------
@@ -139,11 +164,13 @@ def num_layers_for(indices, total: int, source: str) -> int | None:
 
 
 def check_distinct(source, out) -> None:
-    """Refuse to write a conversion over its source: the formats share file names."""
-    if Path(out).resolve() == Path(source).resolve():
+    """Refuse to write a conversion over its source, or over a folder holding it: the output
+    folder is replaced whole."""
+    source, target = Path(source).resolve(), Path(out).resolve()
+    if target == source or target in source.parents:
         raise AdapterFormatError(
-            f"{out}: is the folder being converted; its files would be overwritten. "
-            "Choose another --out."
+            f"{out}: is or holds the folder being converted, whose files would be overwritten "
+            "(the output folder is replaced whole). Choose another --out."
         )
 
 
@@ -166,6 +193,7 @@ def check_and_write(
 
     `base` is what resolve_base accepts. The base model is only inspected, never wrapped.
     """
+    check_finite(tensors, source)
     model, tokenizer = resolve_base(base)
     try:
         expected = expected_adapter_shapes(model, config)
@@ -192,6 +220,8 @@ def read_json_object(path: Path, what: str) -> dict:
         raise AdapterFormatError(
             f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}."
         ) from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise AdapterFormatError(f"{path}: not a JSON text ({e}).") from None
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object, got {type(data).__name__}.")
     return data

@@ -19,7 +19,6 @@ import mlx.core as mx
 
 from ondevice_lora.adapters.files import ALL_LINEAR, AdapterError, LoraConfig
 from ondevice_lora.adapters.layers import lora_scale
-from ondevice_lora.atomic import write_atomically, write_text_atomically
 from ondevice_lora.errors import format_list
 from ondevice_lora.loading.weights import read_safetensors
 
@@ -28,6 +27,7 @@ from .common import (
     alpha_for_scale,
     check_and_write,
     check_distinct,
+    export_folder,
     layer_relative_paths,
     read_json_object,
     read_our_adapter,
@@ -72,14 +72,10 @@ def export_mlx_lm(adapter_folder, out) -> Path:
             KEYS: layer_relative_paths(modules),
         },
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(
-        out / WEIGHTS_FILE,
-        lambda tmp: mx.save_safetensors(str(tmp), tensors, {"format": "mlx"}),
-    )
-    write_text_atomically(out / CONFIG_FILE, json.dumps(mlx_config, indent=4) + "\n")
-    return out
+    with export_folder(out, WEIGHTS_FILE, CONFIG_FILE) as tmp:
+        mx.save_safetensors(str(tmp / WEIGHTS_FILE), tensors, {"format": "mlx"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(mlx_config, indent=4) + "\n")
+    return Path(out)
 
 
 def import_mlx_lm(path, out, model) -> Path:

@@ -15,7 +15,6 @@ from pathlib import Path
 import mlx.core as mx
 
 from ondevice_lora.adapters.files import ALL_LINEAR, AdapterError, LoraConfig
-from ondevice_lora.atomic import write_atomically, write_text_atomically
 from ondevice_lora.errors import format_list
 from ondevice_lora.loading.weights import read_safetensors
 
@@ -23,6 +22,7 @@ from .common import (
     AdapterFormatError,
     check_and_write,
     check_distinct,
+    export_folder,
     is_layer_path,
     layer_indices,
     layer_relative_paths,
@@ -100,15 +100,11 @@ def export_peft(adapter_folder, out, base_model_name_or_path: str | None = None)
         "inference_mode": True,
         **{key: values[0] for key, values in NEUTRAL_SETTINGS.items()},
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(
-        out / WEIGHTS_FILE,
+    with export_folder(out, WEIGHTS_FILE, CONFIG_FILE) as tmp:
         # "pt" is what transformers and PEFT write, and what their loaders expect to find.
-        lambda tmp: mx.save_safetensors(str(tmp), tensors, {"format": "pt"}),
-    )
-    write_text_atomically(out / CONFIG_FILE, json.dumps(peft_config, indent=2) + "\n")
-    return out
+        mx.save_safetensors(str(tmp / WEIGHTS_FILE), tensors, {"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return Path(out)
 
 
 def import_peft(path, out, model) -> Path:

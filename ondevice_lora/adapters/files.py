@@ -99,8 +99,8 @@ class LoraConfig:
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        def is_number(v):  # NaN and infinity are no scale: they would train and save NaN
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         if not is_int(self.rank) or self.rank < 1:
             problems.append(f"rank must be a positive integer, got {self.rank!r}")
@@ -122,7 +122,7 @@ class LoraConfig:
             problems.append(
                 f"num_layers must be a positive integer or null (all layers), got {self.num_layers!r}"
             )
-        if self.fine_tune_type not in FINE_TUNE_TYPES:
+        if not isinstance(self.fine_tune_type, str) or self.fine_tune_type not in FINE_TUNE_TYPES:
             problems.append(
                 f"fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, "
                 f"got {self.fine_tune_type!r}"
@@ -349,6 +349,18 @@ def tensor_mismatches(tensors: dict, expected: dict, needed: str) -> list[str]:
     return [f"{label} {len(v)}: {format_list(v)}" for label, v in found.items() if v]
 
 
+def check_finite(tensors: dict[str, mx.array], source) -> None:
+    """Refuse adapter tensors holding NaN or infinity: applied, they turn every logit into NaN
+    (and `generate` would print the token of id 0 over and over)."""
+    bad = [name for name, value in tensors.items() if not mx.all(mx.isfinite(value)).item()]
+    if bad:
+        raise AdapterError(
+            f"{source}: non-finite weights (NaN or infinity) in {len(bad)} adapter tensor(s): "
+            f"{format_list(sorted(bad))}. The training that wrote them diverged; use an earlier "
+            "checkpoint, or train again with a lower learning rate."
+        )
+
+
 def read_adapter_tensors(model: nn.Module, folder, config: LoraConfig) -> dict[str, mx.array]:
     """The tensors of `folder`'s adapters.safetensors, checked against the names and shapes
     `config` gives `model`; raises AdapterError listing every missing, extra or misshapen one."""
@@ -357,6 +369,7 @@ def read_adapter_tensors(model: nn.Module, folder, config: LoraConfig) -> dict[s
     if not weights_path.is_file():
         raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS_FILE} is missing.")
     loaded = read_safetensors(weights_path)
+    check_finite(loaded, weights_path)
     # Check the file against the shapes the config implies before touching the model.
     problems = tensor_mismatches(loaded, expected_adapter_shapes(model, config), "expected")
     if problems:

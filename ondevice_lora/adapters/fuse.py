@@ -23,6 +23,7 @@ import click
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..atomic import atomic_folder
 from ..errors import OndeviceLoraError, user_errors
 from ..loading import resolve_model_path
 from ..loading.convert import (
@@ -113,6 +114,13 @@ def fuse(
         raise OndeviceLoraError("cannot fuse:\n  " + "\n  ".join(problems))
     source = resolve_model_path(model_name)
     check_not_source(out_folder, source, "fuse")
+    out = Path(out_folder).resolve()
+    for read in (source, *map(Path, adapter_paths)):
+        # The output folder is replaced whole: it must not hold what is being read.
+        if out in read.resolve().parents:
+            raise OndeviceLoraError(
+                f"cannot fuse: --out {out_folder} holds {read}; choose another."
+            )
     net, tokenizer, config = load_source(source)
     quantised = model_quantization(net) is not None
     if dequantize is False and not quantised:
@@ -174,9 +182,9 @@ def fuse(
         warnings.warn(message, FuseLossWarning, stacklevel=2)
 
     quant = None if dense else model_quantization(net)
-    write_model_folder(
-        out_folder, net, tokenizer, output_config(config, quant, dtype), source, force
-    )
+    # Built beside --out and renamed into place: a failed or killed fuse leaves --out as it was.
+    with atomic_folder(out_folder) as tmp:
+        write_model_folder(tmp, net, tokenizer, output_config(config, quant, dtype), source)
     return report
 
 
@@ -262,7 +270,7 @@ def _logits(net: nn.Module, inputs: list[mx.array]) -> mx.array:
     help="Write a dense model, or re-quantise to the base's format [default: as the base].",
 )
 @click.option("--dtype", default=None, help="float16, bfloat16 or float32 [default: source's].")
-@click.option("--force", is_flag=True, help="Replace the model files in a non-empty --out.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out, all of it.")
 @user_errors
 def fuse_command(model_name, adapters, weights, out, dequantize, dtype, force):
     """Fold adapters into the base model and save it, reporting what the fold loses."""

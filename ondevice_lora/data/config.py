@@ -49,9 +49,9 @@ class DataConfig:
             problems.append(f"path must be a file or folder path, got {self.path!r}")
         if not _is_int(self.max_length) or self.max_length < 2:
             problems.append(f"max_length must be an integer of at least 2, got {self.max_length!r}")
-        if self.loss_on not in LOSS_ON:
+        if not isinstance(self.loss_on, str) or self.loss_on not in LOSS_ON:
             problems.append(f"loss_on must be one of {', '.join(LOSS_ON)}; got {self.loss_on!r}")
-        if self.overlong not in OVERLONG:
+        if not isinstance(self.overlong, str) or self.overlong not in OVERLONG:
             problems.append(f"overlong must be one of {', '.join(OVERLONG)}; got {self.overlong!r}")
         fraction = self.valid_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):

@@ -54,16 +54,14 @@ def _expected_all() -> str:
     return "; ".join(f"{kind}: {example}" for kind, example in EXAMPLES.items())
 
 
-def read_jsonl(path: Path, require_assistant: bool = True) -> list[Record]:
-    """Read and check every record of a JSONL file.
+def json_lines(path: Path, errors: LineErrors, example=lambda: EXAMPLES["chat"]):
+    """(line number, parsed JSON value) for every non-blank line of a JSONL file.
 
-    require_assistant: chats must have an assistant message (else nothing would be trained).
-    Blank lines are skipped. Raises DatasetError listing the bad lines (file, line, what was
-    expected, how to fix it), or saying the file holds no records.
+    The one reader of JSONL bytes, shared by training and the privacy commands, so both take
+    and refuse the same files. A line that is not UTF-8, not JSON, nested too deeply, or holds
+    a lone surrogate escape ("\\ud800", which no UTF-8 text can hold) goes to `errors` instead;
+    example() is a valid line to show in the message.
     """
-    errors = LineErrors(path)
-    records: list[Record] = []
-    kind = first_line = None
     # Split the bytes, not the decoded text: str.splitlines() would also break at U+2028 and
     # other separators that JSON strings may hold unescaped.
     for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
@@ -85,9 +83,55 @@ def read_jsonl(path: Path, require_assistant: bool = True) -> list[Record]:
             errors.add(
                 line_no,
                 f"is not valid JSON: {e.msg} at column {e.colno}. Each line must be one complete "
-                f"JSON object (no line breaks inside a record), e.g. {EXAMPLES[kind or 'chat']}",
+                f"JSON object (no line breaks inside a record), e.g. {example()}",
             )
             continue
+        except RecursionError:
+            errors.add(line_no, f"is nested too deeply to be a record, e.g. {example()}")
+            continue
+        problem = _unencodable(obj)
+        if problem is not None:
+            errors.add(line_no, problem)
+            continue
+        yield line_no, obj
+
+
+def _unencodable(obj) -> str | None:
+    """Why a parsed JSON value cannot be text we train on, or None. Walked without recursion:
+    the value may be nested as deeply as the JSON parser allows."""
+    pending = [obj]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += value.keys()
+            pending += value.values()
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                code = ord(value[e.start])
+                return (
+                    f"holds the escape \\u{code:04x}, half of a UTF-16 surrogate pair with no "
+                    "other half: it is not a character. Fix the text that wrote it, or remove it"
+                )
+    return None
+
+
+def read_jsonl(path: Path, require_assistant: bool = True) -> list[Record]:
+    """Read and check every record of a JSONL file.
+
+    require_assistant: chats must have an assistant message (else nothing would be trained).
+    Blank lines are skipped. Raises DatasetError listing the bad lines (file, line, what was
+    expected, how to fix it), or saying the file holds no records.
+    """
+    errors = LineErrors(path)
+    records: list[Record] = []
+    kind = first_line = None
+    # The example shown follows the file's format once its first record has set it.
+    example = lambda: EXAMPLES[kind or "chat"]  # noqa: B023, E731 (reads `kind` as it is then)
+    for line_no, obj in json_lines(path, errors, example):
         if not isinstance(obj, dict):
             errors.add(line_no, f"expected a JSON object {{...}}, got a JSON {type(obj).__name__}")
             continue

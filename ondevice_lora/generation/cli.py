@@ -84,6 +84,12 @@ def generate_command(
             f"{len(adapter_weights)} --adapter-weight for {len(adapters)} --adapter; "
             "give one weight per adapter, in the same order."
         )
+    for flag, text in (("--prompt", prompt), ("--system", system)):
+        if text is not None and not _is_text(text):
+            # The shell passed bytes that are not UTF-8 (Python keeps them as lone surrogates).
+            raise click.UsageError(
+                f"{flag} is not UTF-8 text; set a UTF-8 locale (e.g. LANG=C.UTF-8) or re-type it."
+            )
     if temperature is None:
         temperature = _SAMPLING_DEFAULTS["temperature"]
     config = SamplingConfig(
@@ -106,3 +112,11 @@ def generate_command(
         click.echo(piece, nl=False)
     click.echo()
     click.echo(stream.stats.summary(), err=True)
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -80,7 +80,16 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
     """
     from .gguf import read_gguf_model
 
-    config, weights, tokenizer = read_gguf_model(path, dtype)
+    try:
+        config, weights, tokenizer = read_gguf_model(path, dtype)
+    except ModelLoadError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        # A readable file whose metadata lacks or mistypes what a model needs.
+        raise ModelLoadError(
+            f"{path}: the GGUF metadata does not describe a model this loader reads "
+            f"({type(e).__name__}: {e}). Use a GGUF written by llama.cpp's converter."
+        ) from None
     return load_model_from_weights(config, weights, source=Path(path)), tokenizer, config
 
 

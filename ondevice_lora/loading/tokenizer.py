@@ -15,6 +15,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, processors
 
+from ..atomic import write_atomically, write_text_atomically
 from ..errors import TokenizerError
 from .chat_template import SPECIAL_TOKEN_KEYS, render_chat_template
 
@@ -228,7 +229,7 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json, loadable by transformers and by us."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(folder / "tokenizer.json"))
+        write_atomically(folder / "tokenizer.json", lambda tmp: self.backend.save(str(tmp)))
         added = {
             str(i): {
                 "content": t.content,
@@ -248,7 +249,7 @@ class Tokenizer:
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-        (folder / "tokenizer_config.json").write_text(text, encoding="utf-8")
+        write_text_atomically(folder / "tokenizer_config.json", text)
 
 
 # transformers' clean_up_tokenization replacements, for WordPiece-style tokenizers.

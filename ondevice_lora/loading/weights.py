@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -36,10 +37,16 @@ def check_safetensors_file(path: Path) -> None:
             )
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ModelLoadError(
                 f"{path}: not a safetensors file (its header is not JSON: {e})."
             ) from None
+    problems = header_problems(header)
+    if problems:
+        raise ModelLoadError(
+            f"{path}: not a valid safetensors file: {format_list(problems, 3)}. It is damaged, "
+            "or was not written by a safetensors writer; fetch or export it again."
+        )
     ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
@@ -47,6 +54,49 @@ def check_safetensors_file(path: Path) -> None:
             f"{path}: truncated: its header describes {expected} bytes but the file has {size} "
             f"({expected - size} missing). The download or copy was interrupted; fetch it again."
         )
+
+
+# Bytes per element of the safetensors dtypes.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+    "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+
+
+def header_problems(header) -> list[str]:
+    """What is wrong with a parsed safetensors header ([] if nothing): every entry must be
+    {"dtype", "shape", "data_offsets"} whose byte range fits its shape and dtype, so a crafted
+    header is refused here rather than handed to a reader that trusts it."""
+    if not isinstance(header, dict):
+        return [f"the header is a JSON {type(header).__name__}, not an object"]
+    problems = []
+    for name, entry in header.items():
+        if name == "__metadata__":  # MLX writes null when there is none
+            if entry is not None and not (
+                isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+            ):
+                problems.append("__metadata__ must map names to strings")
+            continue
+        if not isinstance(entry, dict):
+            problems.append(f"{name!r} is not an object")
+            continue
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            problems.append(f"{name!r} has dtype {dtype!r}")
+        elif not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            problems.append(f"{name!r} has shape {shape!r}")
+        elif not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+            and offsets[1] - offsets[0] == math.prod(shape) * DTYPE_SIZES[dtype]
+        ):
+            problems.append(f"{name!r} has data_offsets {offsets!r} for shape {shape} {dtype}")
+    return problems
 
 
 def read_safetensors(path: str | Path) -> dict[str, mx.array]:
@@ -132,13 +182,22 @@ def read_json(path: Path) -> dict:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: file not found.") from None
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path}: not UTF-8 text ({e.reason}); fetch it again.") from None
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ModelLoadError(
             f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}. "
             "Fix the file or fetch it again."
         ) from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: JSON nested too deeply to be a model file.") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(
+            f"{path}: expected a JSON object {{...}} of settings, got a JSON {type(data).__name__}."
+        )
+    return data
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -21,7 +21,7 @@ MODEL_TYPES: dict[str, ModuleType] = {
 
 def get_model_module(model_type: str | None, source: str = "config.json") -> ModuleType:
     """The module (with `ModelArgs` and `Model`) for `model_type`, or a clear error."""
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise ModelLoadError(
             f"{source}: model_type {model_type!r} is not supported. "
             f"Supported model types: {', '.join(sorted(MODEL_TYPES))}."

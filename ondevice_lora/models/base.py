@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ModelLoadError
+
+# config.json keys every model needs: a default for them would build some other model.
+REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# Sizes that must be positive integers wherever they are given.
+POSITIVE_SIZES = REQUIRED_KEYS + (
+    "intermediate_size", "num_key_value_heads", "head_dim", "max_position_embeddings",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -18,9 +24,57 @@ class BaseModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict):
+        """The arguments a config.json dict gives; a missing required key, or a value of the
+        wrong type, is a ModelLoadError naming the key, never a default or a traceback."""
+        if not isinstance(config, dict):
+            raise ModelLoadError(
+                f"config.json must be a JSON object {{...}}, got a JSON {type(config).__name__}."
+            )
         # Hub configs carry many keys we do not use (torch_dtype, architectures, ...): ignore them.
-        fields = inspect.signature(cls).parameters
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.items() if k in fields}
+        problems = [f"{key} is missing" for key in REQUIRED_KEYS if key not in values]
+        for key, value in values.items():
+            problems += _type_problems(key, value, str(fields[key].type))
+        if problems:
+            raise ModelLoadError(
+                "config.json does not describe a model: " + "; ".join(problems) + ". Fix it, or "
+                "fetch the model's config.json again."
+            )
+        try:
+            return cls(**values)
+        except ModelLoadError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+            raise ModelLoadError(
+                f"config.json holds settings that do not fit together: {e!r}."
+            ) from None
+
+
+def _type_problems(key: str, value, annotation: str) -> list[str]:
+    """What is wrong with one config.json value, judged by its field's annotation."""
+    if value is None:
+        return [] if "None" in annotation else [f"{key} is null"]
+    kinds = annotation.split(" | ")
+    if "int" in kinds and "float" not in kinds:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return [f"{key} must be an integer, got {value!r}"]
+        if key in POSITIVE_SIZES and value <= 0:
+            return [f"{key} must be a positive integer, got {value}"]
+    elif "float" in kinds:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return [f"{key} must be a number, got {value!r}"]
+        if not math.isfinite(value):
+            return [f"{key} must be a finite number, got {value!r}"]
+    elif kinds[0] == "bool" and not isinstance(value, bool):
+        return [f"{key} must be true or false, got {value!r}"]
+    elif kinds[0] == "str" and not isinstance(value, str):
+        return [f"{key} must be a string, got {value!r}"]
+    elif kinds[0].startswith("dict") and not isinstance(value, dict):
+        return [f"{key} must be an object, got {value!r}"]
+    elif kinds[0].startswith("list") and not isinstance(value, list):
+        return [f"{key} must be a list, got {value!r}"]
+    return []
 
 
 def rope_settings(rope_theta: float, rope_scaling: dict | None, rope_parameters: dict | None):

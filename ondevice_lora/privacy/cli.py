@@ -25,9 +25,13 @@ def scan_command(data, report):
     from rich.console import Console
     from rich.table import Table
 
-    from .redact import report_json, scan_dataset
+    from ..atomic import write_text_atomically
+    from .redact import PrivacyError, report_json, scan_dataset
 
     findings = scan_dataset(data)
+    path = Path(report) if report else Path(str(Path(data)).rstrip("/") + ".privacy.json")
+    if any(path.resolve() == file.resolve() for file in findings):
+        raise PrivacyError(f"{path}: --report names a file of the dataset; choose another path.")
     table = Table(title=f"personal data in {data}")
     for column in ("file:line", "kind", "value", "certain"):
         table.add_column(column)
@@ -36,21 +40,22 @@ def scan_command(data, report):
             table.add_row(f"{file}:{f.line}", f.kind, f.value, "yes" if f.certain else "maybe")
     Console().print(table)
     result = report_json(findings)
-    path = Path(report) if report else Path(str(Path(data)).rstrip("/") + ".privacy.json")
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(result, indent=2) + "\n")
     counts = ", ".join(f"{n} {kind}" for kind, n in sorted(result["counts"].items())) or "nothing"
     click.echo(f"found {counts} in {result['files']} file(s); report: {path}")
 
 
 @privacy_group.command("redact")
 @click.argument("data", type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write: new or empty, outside DATA.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace --out and everything in it.")
 @user_errors
-def redact_command(data, out):
+def redact_command(data, out, force):
     """Write a copy of DATA with personal data replaced by placeholders ([EMAIL_1], ...)."""
     from .redact import redact_dataset
 
-    written, redactor = redact_dataset(data, out)
+    written, redactor = redact_dataset(data, out, force)
     click.echo(f"wrote {len(written)} file(s) to {out}; {len(redactor.placeholders)} distinct "
                "values replaced (the same value has the same placeholder everywhere)")  # fmt: skip
 

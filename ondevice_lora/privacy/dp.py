@@ -28,7 +28,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from ..atomic import write_atomically, write_text_atomically
 from ..data.batching import BatchIterator
+from ..errors import OndeviceLoraError
 from .accountant import DEFAULT_ORDERS, epsilon_from_rdp, rdp_sampled_gaussian
 
 PRIVACY_FILE = "privacy.json"  # beside adapter_config.json in a DP-trained adapter folder
@@ -66,9 +68,7 @@ class DPSettings:
     def write(self, folder, steps_done: int) -> Path:
         data = {k: v for k, v in asdict(self).items()}
         data |= {"steps_done": steps_done, "epsilon": self.epsilon(steps_done)}
-        path = Path(folder) / PRIVACY_FILE
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        return path
+        return write_text_atomically(Path(folder) / PRIVACY_FILE, json.dumps(data, indent=2) + "\n")
 
 
 def read_privacy(folder) -> dict | None:
@@ -155,11 +155,24 @@ def noise_secret(adapter_path) -> int:
     """
     path = Path(adapter_path) / "checkpoints" / "dp_noise_secret"
     if path.is_file():
-        return int(path.read_text())
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if not (text.isdigit() and len(text) == len(str(int(text)))) or int(text) >= 1 << 56:
+            raise OndeviceLoraError(
+                f"{path}: the DP noise secret is damaged ({text[:20]!r} is not the number this "
+                "run drew); a resumed run would add other noise than the interrupted one. "
+                "Start the run again in a new adapter folder."
+            )
+        return int(text)
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = int.from_bytes(os.urandom(7), "little")
-    path.write_text(str(secret))
-    path.chmod(0o600)
+
+    def write(tmp: Path) -> None:
+        # Created readable by its owner only, before the secret is in it.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(secret))
+
+    write_atomically(path, write)  # whole or absent: a killed run leaves no partial secret
     return secret
 
 

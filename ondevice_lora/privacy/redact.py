@@ -12,6 +12,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..atomic import atomic_folder
+from ..data.errors import DatasetError, LineErrors
+from ..data.records import json_lines
 from ..errors import OndeviceLoraError
 from .pii import Finding, scan_text
 
@@ -42,21 +45,33 @@ def dataset_files(path) -> list[Path]:
     return files
 
 
-def scan_file(path: Path) -> list[Finding]:
+def read_text(path: Path) -> str:
+    """A .txt/.md note as training reads it: UTF-8, or the error training gives."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PrivacyError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8.") from None
+        raise DatasetError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+
+
+def read_records(path: Path) -> list[tuple[int, object]]:
+    """(line, JSON value) of each record line of a .jsonl file, read as training reads it
+    (bytes split at newlines only, a byte order mark allowed); bad lines raise DatasetError."""
+    errors = LineErrors(path)
+    records = list(json_lines(path, errors))
+    errors.raise_if_any()
+    return records
+
+
+def scan_file(path: Path) -> list[Finding]:
     if path.suffix.lower() == ".jsonl":
         # Scan the decoded strings, not the JSON escapes, line by line (one record a line).
-        findings = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            for value in _strings(_parse(line, path, number)):
-                findings += [
-                    dataclasses.replace(f, line=number, column=0) for f in scan_text(value)
-                ]
-        return findings
-    return scan_text(text)
+        return [
+            dataclasses.replace(f, line=number, column=0)
+            for number, record in read_records(path)
+            for value in _strings(record)
+            for f in scan_text(value)
+        ]
+    return scan_text(read_text(path))
 
 
 def scan_dataset(path) -> dict[Path, list[Finding]]:
@@ -74,17 +89,6 @@ def report_json(findings: dict[Path, list[Finding]]) -> dict:
     for item in items:
         counts[item["kind"]] = counts.get(item["kind"], 0) + 1
     return {"version": REPORT_VERSION, "files": len(findings), "counts": counts, "findings": items}
-
-
-def _parse(line: str, path: Path, number: int):
-    if not line.strip():
-        return None
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise PrivacyError(
-            f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); fix the line."
-        ) from None
 
 
 def _strings(obj):
@@ -139,26 +143,40 @@ class Redactor:
         return obj
 
     def file_text(self, path: Path) -> str:
-        text = path.read_text(encoding="utf-8")
         if path.suffix.lower() != ".jsonl":
-            return self.text(text)
-        lines = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            obj = _parse(line, path, number)
-            lines.append(line if obj is None else json.dumps(self.obj(obj), ensure_ascii=False))
+            return self.text(read_text(path))
+        lines = [json.dumps(self.obj(obj), ensure_ascii=False) for _, obj in read_records(path)]
         return "\n".join(lines) + "\n"
 
 
-def redact_dataset(path, out) -> tuple[list[Path], Redactor]:
-    """Write a redacted copy of the dataset at `path` into folder `out`, same layout."""
+def redact_dataset(path, out, force: bool = False) -> tuple[list[Path], Redactor]:
+    """Write a redacted copy of the dataset at `path` into folder `out`, same layout.
+
+    `out` is written whole or not at all: every file is read and redacted first, then written
+    into a temporary folder beside `out` that replaces it in one rename. An `out` that is, holds
+    or lies inside the dataset is refused (the input is never written over), and so is one that
+    already holds files, unless `force` (then it is replaced, everything in it included).
+    """
     path, out = Path(path).expanduser(), Path(out).expanduser()
-    if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
-        raise PrivacyError(f"{out}: write the redacted copy outside the dataset {path}.")
-    redactor, written = Redactor(), []
+    source, target = path.resolve(), out.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise PrivacyError(
+            f"{out}: the redacted copy would be written over or inside the dataset {path}; "
+            "choose an --out folder outside it (e.g. data-redacted)."
+        )
+    if out.exists() and not out.is_dir():
+        raise PrivacyError(f"{out} is a file; --out must be a folder (new or empty).")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PrivacyError(
+            f"{out} already holds files, which the redacted copy would replace. Choose a new or "
+            "empty --out, or pass --force to replace that folder and everything in it."
+        )
     root = path if path.is_dir() else path.parent
-    for file in dataset_files(path):
-        target = out / file.relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(redactor.file_text(file), encoding="utf-8")
-        written.append(target)
-    return written, redactor
+    redactor = Redactor()
+    # Everything is read before anything is written: a bad file leaves no output at all.
+    texts = {file.relative_to(root): redactor.file_text(file) for file in dataset_files(path)}
+    with atomic_folder(out) as tmp:
+        for relative, text in texts.items():
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / relative).write_text(text, encoding="utf-8")
+    return [out / relative for relative in texts], redactor

@@ -25,8 +25,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..atomic import fsync_dir, fsync_file, write_text_atomically
+from ..atomic import fsync_dir, fsync_file, output_errors, write_text_atomically
 from ..errors import OndeviceLoraError, format_list
+from ..loading.weights import read_safetensors
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -97,14 +98,26 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `state.step` atomically and point `latest` at it; returns its folder."""
     root = Path(adapter_path) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
+    with output_errors(root):
+        root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(state.step)
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        # A full disk or a folder turned read-only names the checkpoint and keeps the last one.
+        with output_errors(final):
+            _write_checkpoint(tmp, final, state, adapter_weights, optimizer_state)
+            write_text_atomically(root / LATEST_FILE, name + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune(root, keep=name)
+    return final
 
+
+def _write_checkpoint(tmp: Path, final: Path, state, adapter_weights, optimizer_state) -> None:
+    tmp.mkdir()
     mx.save_safetensors(str(tmp / ADAPTER_FILE), adapter_weights)
     fsync_file(tmp / ADAPTER_FILE)
     _pause()
@@ -115,14 +128,10 @@ def save_checkpoint(
     (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1) + "\n")
     fsync_file(tmp / STATE_FILE)
     fsync_dir(tmp)
-
     if final.exists():  # the same step written again after a resume from an earlier one
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fsync_dir(root)
-    write_text_atomically(root / LATEST_FILE, name + "\n")
-    _prune(root, keep=name)
-    return final
+    fsync_dir(final.parent)
 
 
 def _complete(folder: Path) -> bool:
@@ -169,9 +178,14 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[TrainState, dict, dict]:
         raise CheckpointError(
             f"{folder / STATE_FILE}: not valid JSON at line {e.lineno}: {e.msg}."
         ) from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{folder / STATE_FILE}: not a JSON text ({e}).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{folder / STATE_FILE}: expected a JSON object.")
     state = TrainState.from_dict(data, folder / STATE_FILE)
-    adapter = mx.load(str(folder / ADAPTER_FILE))
-    optimizer = mx.load(str(folder / OPTIMIZER_FILE))
+    # Header-checked reads: a damaged file is an error naming it, not a crash inside MLX.
+    adapter = read_safetensors(folder / ADAPTER_FILE)
+    optimizer = read_safetensors(folder / OPTIMIZER_FILE)
     return state, adapter, optimizer
 
 

@@ -19,7 +19,7 @@ import yaml
 from ..adapters.files import LoraConfig
 from ..data.config import DataConfig
 from ..data.packing import BATCHING
-from ..errors import OndeviceLoraError
+from ..errors import OndeviceLoraError, format_list
 from .schedule import OPTIMIZERS, SCHEDULES
 
 # Training length when neither iters nor epochs is given.
@@ -201,12 +201,17 @@ class TrainConfig:
             check("data", isinstance(self.data, (str, Path)) and str(self.data), "a path")
         check("model", self.model is None or isinstance(self.model, (str, Path)), "a path")
         check("adapter_path", isinstance(self.adapter_path, (str, Path)), "a folder path")
-        check("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
-        check("batching", self.batching in BATCHING, f"one of {', '.join(BATCHING)}")
+        if isinstance(self.adapter_path, (str, Path)) and Path(self.adapter_path).is_file():
+            problems.append(
+                ("adapter_path", f"adapter_path {str(self.adapter_path)!r} is a file; it must "
+                 "be a folder (new, or one an earlier run wrote)")
+            )  # fmt: skip
+        check("optimizer", _choice(self.optimizer, OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}")
+        check("batching", _choice(self.batching, BATCHING), f"one of {', '.join(BATCHING)}")
         for key in ("cache_limit_gb", "memory_limit_gb"):
             value = getattr(self, key)
             check(key, value is None or (_number(value) and value >= 0), "a number >= 0 or null")
-        check("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
+        check("lr_schedule", _choice(self.lr_schedule, SCHEDULES), f"one of {', '.join(SCHEDULES)}")
         check("learning_rate", _number(self.learning_rate) and self.learning_rate > 0, "> 0")
         check("min_learning_rate", _number(self.min_learning_rate), "a number >= 0")
         if (
@@ -240,7 +245,12 @@ class TrainConfig:
         )
         check("seed", _int(self.seed) and self.seed >= 0, "an integer >= 0")
         check("workers", _int(self.workers) and self.workers >= 1, "an integer >= 1")
-        if _int(self.workers) and _int(self.batch_size) and self.batch_size % self.workers:
+        if (
+            _int(self.workers)
+            and self.workers >= 1
+            and _int(self.batch_size)
+            and (self.batch_size % self.workers)
+        ):
             problems.append(
                 ("workers", f"batch_size ({self.batch_size}) must be a multiple of workers "
                  f"({self.workers}): each worker trains on an equal share of every batch")
@@ -342,16 +352,27 @@ def read_yaml(path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found.") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start + 1}); save it as UTF-8."
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; --config takes a YAML file.") from None
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a settings file.") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(values).__name__}.")
+    odd = [key for key in values if not isinstance(key, str)]
+    if odd:
+        raise ConfigError(f"{path}: setting names must be text, got {format_list(odd)}.")
     check_keys(values, path)
     return values
 
@@ -388,6 +409,11 @@ def _split_problems(error: Exception, keys) -> list[tuple[str, str]]:
         key = message.split(" ", 1)[0]
         pairs.append((key if key in keys else "", message))
     return pairs
+
+
+def _choice(value, options) -> bool:
+    # A list or dict from a YAML file is no option (and not hashable for a dict lookup).
+    return isinstance(value, str) and value in options
 
 
 def _number(value) -> bool:

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from ..atomic import write_atomically, write_text_atomically
+from ..atomic import output_errors, write_atomically, write_text_atomically
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -45,18 +45,20 @@ class MetricsWriter:
         self._file = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        else:
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
+        with output_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self.path.write_text("")
+            else:
+                kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+                write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            with output_errors(self.path):
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:

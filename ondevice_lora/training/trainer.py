@@ -39,6 +39,8 @@ from .checkpoint import (
 from .config import TrainConfig
 from .distributed import init_group, shard
 from .evaluate import evaluate_loss, perplexity
+from .finite import check_step
+from .lock import training_lock
 from .memory import batch_extent, estimate_memory, memory_limits
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsWriter, plot_losses, read_metrics
 from .offline import offline
@@ -133,6 +135,7 @@ def train(
     with (
         offline(config.offline_guard),
         memory_limits(config.cache_limit_gb, config.memory_limit_gb),
+        training_lock(out, enabled=writer),  # one run per folder
     ):
         fingerprint = base_fingerprint(model, tokenizer)
         mx.random.seed(config.seed)  # the adapters' initial A matrices
@@ -212,6 +215,7 @@ def train(
             model.train()
             while state.step < total and not _should_stop(state, config):
                 record = _train_step(step_fn, model, optimizer, batches, state, config, group)
+                check_step(state.step, record["loss"], adapter_tensors(model), out)
                 if dp is not None:
                     record["epsilon"] = dp.epsilon(state.step)
                 metrics.write(record)
@@ -351,7 +355,7 @@ def _start(out: Path, config: TrainConfig, model, optimizer, identity: dict):
     changed = sorted(
         k
         for k, v in _comparable(config).items()
-        if k not in RESUMABLE_CHANGES and state.config.get(k) != v
+        if k not in RESUMABLE_CHANGES and not _same_setting(k, state.config.get(k), v)
     )
     if changed:
         details = ", ".join(f"{k}: {state.config.get(k)!r} -> {getattr(config, k)!r}" for k in changed)  # fmt: skip
@@ -367,6 +371,13 @@ def _start(out: Path, config: TrainConfig, model, optimizer, identity: dict):
     mx.eval(model.parameters(), optimizer.state)
     state.config = _comparable(config)
     return state, state.step
+
+
+def _same_setting(key: str, saved, current) -> bool:
+    if key == "adapter_path" and saved is not None and current is not None:
+        # "ad", "ad/", "./ad" and /abs/ad are one folder.
+        return Path(saved).resolve() == Path(current).resolve()
+    return saved == current
 
 
 def _comparable(config: TrainConfig) -> dict:

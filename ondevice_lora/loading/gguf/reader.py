@@ -18,6 +18,7 @@ a GGUF shape (in, out) is the Hub's (out, in).
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -103,11 +104,16 @@ class GGUFFile:
         self._pos = 4
         try:
             self._parse()
-        except (struct.error, UnicodeDecodeError, ValueError, IndexError) as e:
+        except (struct.error, UnicodeDecodeError, ValueError, IndexError, OverflowError) as e:
             raise ModelLoadError(
                 f"{path}: could not read the GGUF file ({e}); it may be truncated or damaged. "
                 "Download it again."
             ) from None
+        if not self.tensors:
+            raise ModelLoadError(
+                f"{path}: the GGUF file holds no tensors (a vocabulary-only file?); pass a model "
+                "file with its weights."
+            )
 
     def _read(self, fmt: str):
         values = struct.unpack_from("<" + fmt, self._map, self._pos)
@@ -122,18 +128,31 @@ class GGUFFile:
         self._pos += n
         return text
 
-    def _value(self, kind: int):
+    def _count(self, what: str, smallest_item: int) -> int:
+        """A count read from the file, refused when its items could not fit in what is left
+        (so a damaged count fails here, not after a huge allocation or a long loop)."""
+        count = self._read("Q")
+        if count * smallest_item > len(self._map) - self._pos:
+            raise ValueError(f"{count} {what} cannot fit in the rest of the file")
+        return count
+
+    def _value(self, kind: int, depth: int = 0):
         if kind == _STRING:
             return self._string()
         if kind == _ARRAY:
-            item_kind, count = self._read("IQ")
+            item_kind = self._read("I")
+            if item_kind == _ARRAY and depth >= 1:
+                # llama.cpp writes flat arrays; arrays nested deeper than one level are damage.
+                raise ValueError("metadata arrays are nested more than two deep")
+            item_size = struct.calcsize("<" + _SCALARS[item_kind]) if item_kind in _SCALARS else 8
+            count = self._count("array items", item_size)
             if item_kind in _SCALARS and item_kind != 7:
                 # Numeric arrays (token scores and types: one per vocabulary entry) in one go.
                 fmt = _SCALARS[item_kind]
                 values = np.frombuffer(self._map, "<" + fmt, count, self._pos)
                 self._pos += values.nbytes
                 return values.tolist()
-            return [self._value(item_kind) for _ in range(count)]
+            return [self._value(item_kind, depth + 1) for _ in range(count)]
         if kind not in _SCALARS:
             raise ValueError(f"unknown metadata value type {kind}")
         value = self._read(_SCALARS[kind])
@@ -145,7 +164,9 @@ class GGUFFile:
         version = self._read("I")
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version}; this reader knows versions 2 and 3")
-        n_tensors, n_metadata = self._read("QQ")
+        # Each tensor entry takes at least 24 bytes, each metadata entry at least 12.
+        n_tensors = self._count("tensors", 24)
+        n_metadata = self._count("metadata entries", 12)
         self.metadata = {}
         for _ in range(n_metadata):
             key = self._string()
@@ -153,15 +174,20 @@ class GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = self._string()
-            dims = [self._read("Q") for _ in range(self._read("I"))]
+            n_dims = self._read("I")
+            if n_dims > 4:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions; GGUF allows 4")
+            dims = [self._read("Q") for _ in range(n_dims)]
             kind, offset = self._read("IQ")
             infos.append((name, tuple(reversed(dims)), kind, offset))
         alignment = self.metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment is {alignment!r}; it must be a power of two")
         start = -(-self._pos // alignment) * alignment
         self.tensors = {}
         for name, shape, kind, offset in infos:
             type_name = TYPE_NAMES.get(kind, f"type {kind}")
-            count = int(np.prod(shape))
+            count = math.prod(shape)  # Python ints: a damaged shape cannot overflow
             per_block, block_bytes = BLOCKS.get(type_name, (1, 0))
             size = count // per_block * block_bytes
             if start + offset + size > len(self._map):
