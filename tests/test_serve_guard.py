@@ -128,8 +128,8 @@ def test_a_client_that_leaves_frees_the_worker_within_a_step(engine, port, strea
     # Before: the worker kept generating the abandoned LONG tokens first (minutes).
     assert time.monotonic() - started < TIMEOUT
     assert engine.stats.cancelled == cancelled + 1
-    step = max(engine.stats.step_seconds)
-    assert engine.stats.release_lags[-1] <= step + 0.5  # one decode step, and scheduling slack
+    lag, step = engine.stats.release_lags[-1]
+    assert lag <= step + 0.5  # within the model step it was in, and scheduling slack
 
 
 def test_prompts_and_max_tokens_are_held_to_the_context(small):

@@ -234,7 +234,7 @@ class Engine:
             if self._closing.is_set():
                 job.emit(APIError(503, "the server is shutting down", type="server_error"))
             elif job.cancelled.is_set():
-                self._note_cancelled(job)
+                self.stats.cancelled += 1  # left while queued: nothing to stop
             else:
                 self._answer(request, ids, job)
         except Exception as e:  # a bug: reported to this request, the server keeps serving
@@ -243,9 +243,12 @@ class Engine:
             self.stats.job_seconds.append(time.monotonic() - started)
             self._admission.release()
 
-    def _note_cancelled(self, job: _Job) -> None:
+    def _note_cancelled(self, job: _Job, step: float) -> None:
+        """A generation stopped midway: how long after its cancellation the worker let go, and
+        how long the model step it was in took (the prompt's, for the first token)."""
         self.stats.cancelled += 1
-        self.stats.release_lags.append(time.monotonic() - (job.cancelled_at or time.monotonic()))
+        lag = time.monotonic() - (job.cancelled_at or time.monotonic())
+        self.stats.release_lags.append((lag, step))
 
     def _answer(self, request: CompletionRequest, ids: list[int], job: _Job) -> None:
         """Generate on the worker, checking for cancellation after every token."""
@@ -259,14 +262,14 @@ class Engine:
         last = time.perf_counter()
         for token_id in generate_tokens(self.model, ids, request.sampling, eos_ids):
             now = time.perf_counter()
+            step, last = now - last, now
             if tokens:  # the first token's time is the prompt's, not a decode step
-                self.stats.step_seconds.append(now - last)
-            last = now
+                self.stats.step_seconds.append(step)
             tokens += 1
             if time.monotonic() > job.deadline:
                 job.cancel()  # the request's side answers 504; this holds even if it stalled
             if job.cancelled.is_set() or self._closing.is_set():
-                self._note_cancelled(job)
+                self._note_cancelled(job, step)
                 return
             text, stopped = matcher.feed(detokenizer.add_token(token_id))
             if text:

@@ -44,8 +44,9 @@ class ServeStats:
     completed: int = 0
     cancelled: int = 0  # the client went away, or the time limit passed, mid-request
     refused: int = 0  # answered 503: the queue was full
-    # Seconds from a request's cancellation to the worker dropping it (at most one decode step).
-    release_lags: list[float] = dataclasses.field(default_factory=list)
+    # (seconds from a generation's cancellation to the worker dropping it, seconds of the model
+    # step it was in): the first is at most the second, the worker checks after every token.
+    release_lags: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     # The most recent decode steps' durations, in seconds.
     step_seconds: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=512)
