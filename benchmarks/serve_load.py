@@ -61,7 +61,8 @@ def ask(port: int, index: int, max_tokens: int, stream: bool, timeout: float) ->
 
 
 def leave(port: int, index: int, stream: bool, after: float) -> tuple:
-    """Send a long request and close the connection `after` seconds later."""
+    """Send a long request and close the connection `after` seconds later (unless the server
+    refused it with 503 before then)."""
     body = json.dumps(
         {"messages": [{"role": "user", "content": PROMPTS[index % 3]}], "max_tokens": 4096,
          "stream": stream}
@@ -72,9 +73,17 @@ def leave(port: int, index: int, stream: bool, after: float) -> tuple:
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     sock.sendall(head.encode() + body)
-    time.sleep(after)
+    started = time.perf_counter()
+    sock.settimeout(after)
+    try:
+        first = sock.recv(64)  # a 503 comes at once; an admitted answer starts with 200
+    except TimeoutError:
+        first = b""
+    refused = first.startswith(b"HTTP/1.1 503")
+    if not refused:
+        time.sleep(max(0.0, after - (time.perf_counter() - started)))
     sock.close()
-    return "cancelled by its client", after
+    return ("refused (503)" if refused else "cancelled by its client"), after
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -88,6 +97,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--leave-every", type=int, default=5, help="every Nth client leaves")
+    parser.add_argument(
+        "--leave-after", type=float, nargs=2, default=(1.0, 30.0), metavar=("MIN", "MAX"),
+        help="a leaving client closes its connection after MIN to MAX seconds (uniform)",
+    )  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=ServeLimits.max_queue)
     parser.add_argument("--request-timeout", type=float, default=ServeLimits.request_timeout)
     args = parser.parse_args()
@@ -115,7 +128,8 @@ def main() -> int:
         for i in range(args.requests):
             stream = i % 2 == 1
             if args.leave_every and i % args.leave_every == 0:
-                futures.append(pool.submit(leave, port, i, stream, rng.uniform(0.5, 3.0)))
+                after = rng.uniform(*args.leave_after)
+                futures.append(pool.submit(leave, port, i, stream, after))
             else:
                 futures.append(pool.submit(ask, port, i, args.max_tokens, stream, client_timeout))
         results = [f.result() for f in futures]
@@ -136,7 +150,8 @@ def main() -> int:
     print(f"model: {args.model or 'built-in SmolLM2-135M (Q4_1 GGUF)'}")
     print(
         f"{args.requests} concurrent requests ({args.max_tokens} tokens each, every "
-        f"{args.leave_every}th client leaves after 0.5-3 s), --max-queue {args.max_queue}, "
+        f"{args.leave_every}th client leaves after {args.leave_after[0]:g}-{args.leave_after[1]:g} "
+        f"s), --max-queue {args.max_queue}, "
         f"--request-timeout {args.request_timeout:g}: {wall:.1f} s in all"
     )
     for outcome, count in sorted(outcomes.items()):
@@ -156,8 +171,8 @@ def main() -> int:
             f"worker released an abandoned generation {lag * 1000:.1f} ms after its client "
             f"left, within the model step it was in ({step * 1000:.1f} ms)"
         )
-    print(f"server stats: completed {stats.completed}, cancelled {stats.cancelled}, "
-          f"refused {stats.refused}; worker idle at the end: {idle}")  # fmt: skip
+    print(f"server stats (warm-up included): completed {stats.completed}, cancelled "
+          f"{stats.cancelled}, refused {stats.refused}; worker idle at the end: {idle}")  # fmt: skip
 
     server.should_exit = True
     thread.join(timeout=10)
