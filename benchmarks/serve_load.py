@@ -7,7 +7,8 @@ with 503 (the bounded queue), or was cancelled by its client; that the worker le
 abandoned generation within about one decode step; and prints p50/p95 latencies.
 
     python benchmarks/serve_load.py                       # ~1-3 min on 2 cores
-    python benchmarks/serve_load.py --requests 20 --max-tokens 8
+    python benchmarks/serve_load.py --max-tokens 8 --max-queue 4
+    python benchmarks/serve_load.py --tiny --max-tokens 64 --leave-after 0.2 2   # ~1 min
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from ondevice_lora.serve.engine import Engine
 from ondevice_lora.serve.limits import ServeLimits
 
 PROMPTS = ["Tell me about France", "What is a LoRA adapter?", "Write a haiku about rain"]
+# A prompt the tiny random model does not end early (greedy), so a leaver is still running.
+LEAVER_PROMPT = "What is a LoRA adapter?"
 
 
 def ask(port: int, index: int, max_tokens: int, stream: bool, timeout: float) -> tuple:
@@ -60,12 +63,12 @@ def ask(port: int, index: int, max_tokens: int, stream: bool, timeout: float) ->
     return ("completed" if done else "incomplete"), seconds
 
 
-def leave(port: int, index: int, stream: bool, after: float) -> tuple:
+def leave(port: int, stream: bool, after: float, max_tokens: int) -> tuple:
     """Send a long request and close the connection `after` seconds later (unless the server
     refused it with 503 before then)."""
     body = json.dumps(
-        {"messages": [{"role": "user", "content": PROMPTS[index % 3]}], "max_tokens": 4096,
-         "stream": stream}
+        {"messages": [{"role": "user", "content": LEAVER_PROMPT}],
+         "max_tokens": max_tokens, "stream": stream}
     ).encode()  # fmt: skip
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     head = (
@@ -79,11 +82,27 @@ def leave(port: int, index: int, stream: bool, after: float) -> tuple:
         first = sock.recv(64)  # a 503 comes at once; an admitted answer starts with 200
     except TimeoutError:
         first = b""
-    refused = first.startswith(b"HTTP/1.1 503")
-    if not refused:
+    status = first[9:12].decode()
+    if status in ("", "200"):  # admitted: leave while it runs (or waits)
         time.sleep(max(0.0, after - (time.perf_counter() - started)))
     sock.close()
-    return ("refused (503)" if refused else "cancelled by its client"), after
+    outcome = {"": "cancelled by its client", "200": "cancelled by its client"}
+    return outcome.get(status, "refused (503)" if status == "503" else f"error {status}"), after
+
+
+def tiny_model() -> str:
+    """The tests' tiny random Llama (transformers writes it), with a 4,096-token context."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.hf_fixtures import write_hf_model
+
+    folder = Path(tempfile.mkdtemp(prefix="serve-load-")) / "tiny-llama"
+    write_hf_model(folder, "llama")
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 4096
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -94,6 +113,9 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="default: the built-in SmolLM2-135M")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tests' tiny random Llama (needs transformers)"
+    )
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--leave-every", type=int, default=5, help="every Nth client leaves")
@@ -108,6 +130,8 @@ def main() -> int:
 
     reexec_with_fast_blas()  # as the `ondevice-lora` command does
 
+    if args.tiny:
+        args.model = tiny_model()
     limits = ServeLimits(max_queue=args.max_queue, request_timeout=args.request_timeout)
     engine = Engine(functools.partial(load, args.model), "base", {}, limits)
     sock = bind_socket("127.0.0.1", 0)
@@ -129,7 +153,8 @@ def main() -> int:
             stream = i % 2 == 1
             if args.leave_every and i % args.leave_every == 0:
                 after = rng.uniform(*args.leave_after)
-                futures.append(pool.submit(leave, port, i, stream, after))
+                long = engine.context_length // 2  # longer than any wait here
+                futures.append(pool.submit(leave, port, stream, after, long))
             else:
                 futures.append(pool.submit(ask, port, i, args.max_tokens, stream, client_timeout))
         results = [f.result() for f in futures]
@@ -147,7 +172,8 @@ def main() -> int:
     refused = [s for o, s in results if o == "refused (503)"]
     stats = engine.stats
     steps = list(stats.step_seconds)
-    print(f"model: {args.model or 'built-in SmolLM2-135M (Q4_1 GGUF)'}")
+    name = "tiny random Llama (tests/hf_fixtures.py)" if args.tiny else args.model
+    print(f"model: {name or 'built-in SmolLM2-135M (Q4_1 GGUF)'}")
     print(
         f"{args.requests} concurrent requests ({args.max_tokens} tokens each, every "
         f"{args.leave_every}th client leaves after {args.leave_after[0]:g}-{args.leave_after[1]:g} "
