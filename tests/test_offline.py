@@ -186,6 +186,23 @@ def test_new_processes_are_refused(tmp_path):
     assert subprocess.run(["true"]).returncode == 0
 
 
+def test_the_loss_curve_is_drawn_under_the_guard_on_a_fresh_machine(tmp_path):
+    # matplotlib builds its font cache (running fc-list) the first time it draws: with an empty
+    # cache folder, as on a fresh machine, that happens inside the guard at the end of training.
+    script = (
+        "from ondevice_lora.training.offline import offline\n"
+        "from ondevice_lora.training.metrics import plot_losses\n"
+        "with offline():\n"
+        f"    plot_losses([{{'step': 1, 'train_loss': 2.0}}], {str(tmp_path / 'loss.png')!r})\n"
+    )
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
 def test_exec_is_refused():
     # os.execv replaces the process when it succeeds: try it in a child, started unguarded.
     script = (

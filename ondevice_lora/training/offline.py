@@ -9,7 +9,8 @@ cache only) and turns on a guard that refuses, with NetworkBlockedError:
 - name resolution: getaddrinfo, gethostbyname(_ex), gethostbyaddr, getnameinfo (a DNS query
   can itself carry data out);
 - starting a process: subprocess, os.system, os.exec*, os.fork/forkpty, os.posix_spawn*,
-  os.spawn*, and multiprocessing's fork-exec (a child could do what the guard forbids).
+  os.spawn*, and multiprocessing's fork-exec (a child could do what the guard forbids); only
+  the local helpers in LOCAL_PROGRAMS may run.
 
 The guard is a Python audit hook (`sys.addaudithook`, PEP 578): CPython raises the audit event
 inside its own C socket and os functions, so `_socket.socket.connect` and every wrapper above it
@@ -34,6 +35,10 @@ import sys
 from ..errors import OndeviceLoraError
 
 ENV_VAR = "HF_HUB_OFFLINE"
+# Programs the guard lets training start, by file name. fc-list lists the installed fonts:
+# matplotlib runs it once to build its font cache when the loss curve is drawn at the end of
+# training; without it a first run on a fresh machine would fail (or cache no system fonts).
+LOCAL_PROGRAMS = frozenset({"fc-list"})
 
 
 class NetworkBlockedError(OndeviceLoraError):
@@ -80,6 +85,24 @@ _LOOKUPS = {
     "socket.gethostbyaddr": lambda args: f"gethostbyaddr for {args[0]!r}",
     "socket.getnameinfo": lambda args: f"getnameinfo for {_address(args[0])}",
 }
+
+
+def _program(event: str, args: tuple) -> str | None:
+    """The file name of the program a process event would run (None: unknown or a shell)."""
+    if event == "subprocess.Popen":
+        executable, argv = args[0], args[1]
+        if executable is None:
+            executable = argv if isinstance(argv, (str, bytes, os.PathLike)) else argv[0]
+    elif event in ("os.exec", "os.posix_spawn"):
+        executable = args[0]
+    else:
+        return None
+    try:
+        return os.path.basename(os.fsdecode(executable))
+    except TypeError:
+        return None
+
+
 _PROCESSES = {
     "subprocess.Popen": lambda args: f"subprocess {args[1]!r:.200}",
     "os.system": lambda args: f"os.system {args[0]!r:.200}",
@@ -106,6 +129,8 @@ def _refusal(event: str, args: tuple) -> str | None:
     if event in _LOOKUPS:
         return f"a name lookup ({_LOOKUPS[event](args)})"
     if event in _PROCESSES:
+        if _program(event, args) in LOCAL_PROGRAMS:
+            return None
         return f"starting a process ({_PROCESSES[event](args)})"
     return None
 
