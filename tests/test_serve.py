@@ -133,7 +133,7 @@ BAD_BODIES = [
     ("/chat/completions", {"model": "a"}, 400, "messages"),
     ("/chat/completions", {"model": "a", "messages": "hello"}, 400, "messages"),
     ("/chat/completions", {"model": "a", "messages": [{"content": "x"}]}, 400, "messages[0]"),
-    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ("/chat/completions", {"model": 5, "messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ("/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
     ("/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "x"}], "temperature": 0.5, "max_tokens": 0}, 400, "max_tokens"),
     ("/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),

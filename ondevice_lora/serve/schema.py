@@ -19,14 +19,19 @@ from ..generation.generate import SamplingConfig
 
 # The API allows at most this many stop sequences.
 MAX_STOP = 4
+# A request naming this model, or none, gets the base model.
+DEFAULT_MODEL = "default"
+# Seeds are 64-bit unsigned integers (mx.random.key).
+SEED_LIMIT = 2**64
 
 
 class APIError(Exception):
     """A request the server refuses, answered with `status` and OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, param=None, code=None, type=None):
+    def __init__(self, status: int, message: str, param=None, code=None, type=None, headers=None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}  # e.g. Retry-After on 503
         self.body = {
             "error": {
                 "message": message,
@@ -140,6 +145,8 @@ def _sampling(body: dict, max_tokens_key: str) -> SamplingConfig:
         if value is not None and not checks[key](value):
             kind = "an integer" if checks[key] is _is_int else "a number"
             raise _bad(f"'{key}' must be {kind}, got {value!r:.100}", key, "invalid_type")
+    if values["seed"] is not None and not 0 <= values["seed"] < SEED_LIMIT:
+        raise _bad(f"'seed' must be in [0, 2**64), got {values['seed']}", "seed")
     settings = {k: v for k, v in values.items() if v is not None}
     for key, value in settings.items():  # one at a time, to name the field that is wrong
         try:
@@ -153,20 +160,33 @@ def parse_request(body, chat: bool) -> CompletionRequest:
     """Check a decoded JSON body; raises APIError (400) naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    model = body.get("model")
+    model = body.get("model", DEFAULT_MODEL)
+    if model is None:
+        model = DEFAULT_MODEL
     if not isinstance(model, str) or not model:
-        raise _bad("'model' is required: a model id from /v1/models", "model", None)
+        raise _bad(f"'model' must be a model id from /v1/models, got {model!r:.100}", "model")
     if body.get("n", 1) != 1:
         raise _bad("only n=1 is supported: send one request per completion", "n", "unsupported")
-    for key in ("logprobs", "echo", "suffix", "tools", "top_logprobs"):
-        if body.get(key) not in (None, False, []):
+    for key in ("logprobs", "echo", "suffix", "tools", "top_logprobs", "logit_bias"):
+        if body.get(key) not in (None, False, [], {}):
             raise _bad(f"'{key}' is not supported by this server", key, "unsupported")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise _bad(
+            "only response_format {'type': 'text'} is supported", "response_format", "unsupported"
+        )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad(f"'stream' must be true or false, got {stream!r:.100}", "stream", "invalid_type")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise _bad(
+            "'stream_options.include_usage' must be true or false",
+            "stream_options.include_usage",
+            "invalid_type",
+        )
     return CompletionRequest(
         chat=chat,
         model=model,

@@ -160,7 +160,7 @@ _EVAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
     "--offline-guard/--no-offline-guard",
     default=True,
     show_default=True,
-    help="Refuse every network connection while evaluating.",
+    help="Refuse network connections, name lookups and new processes while evaluating.",
 )
 @user_errors
 def eval_command(**options):

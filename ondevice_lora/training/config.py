@@ -125,7 +125,9 @@ class TrainConfig:
     )
     seed: int = _help("Seed for initialisation, data order, validation split and dropout.", 0)
     resume: bool = _help("Continue from the latest checkpoint in adapter_path.", False)
-    offline_guard: bool = _help("Refuse every network connection while training.", True)
+    offline_guard: bool = _help(
+        "Refuse network connections, name lookups and new processes while training.", True
+    )
     # Privacy (ondevice_lora/privacy): redaction of the data, DP-SGD on the adapter.
     redact: bool = _help(
         "Replace emails, phone numbers, card numbers, IBANs, IPs, SSNs, names and street "
