@@ -290,7 +290,11 @@ def make_preference_step(model: nn.Module, optimizer, settings: PreferenceLoss, 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
+    # The frozen reference tensors enter as inputs too: a compiled graph may not read arrays
+    # that are neither its inputs nor its outputs.
+    frozen = [settings.reference] if settings.reference is not None else []
+
+    @partial(mx.compile, inputs=state + frozen, outputs=state)
     def compiled_step(batch, positions, carry, apply):
         (loss, stats), grads = loss_and_grad(model, batch, positions)
         pairs = stats["pairs"]
