@@ -106,4 +106,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from ondevice_lora.backend.fast_blas import reexec_with_fast_blas
+
+    reexec_with_fast_blas()  # as the command line does: MLX's CPU matmuls through OpenBLAS
     main()
