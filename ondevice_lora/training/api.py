@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from ..data.loading import load_datasets
+from ..data.preference import load_preference_datasets
 from ..loading import load
 from .config import TrainConfig
 from .offline import offline
@@ -21,7 +22,10 @@ def train_from_config(config: TrainConfig, callbacks=(), show_progress: bool = T
     console = Console(stderr=True, quiet=not show_progress)
     with offline(config.offline_guard):
         model, tokenizer = load(config.model)
-        splits = load_datasets(config.data_config(), tokenizer)
+        if config.method == "sft":
+            splits = load_datasets(config.data_config(), tokenizer)
+        else:  # dpo, orpo: chosen/rejected pairs
+            splits = load_preference_datasets(config.data_config(), tokenizer)
         console.print(f"train: {splits.train.stats.summary()}")
         if splits.valid is not None:
             console.print(f"valid: {splits.valid.stats.summary()}")

@@ -20,6 +20,7 @@ from ..adapters.files import LoraConfig
 from ..data.config import DataConfig
 from ..data.packing import BATCHING
 from ..errors import OndeviceLoraError, format_list
+from .preference import METHODS
 from .schedule import OPTIMIZERS, SCHEDULES
 
 # Training length when neither iters nor epochs is given.
@@ -70,6 +71,17 @@ class TrainConfig:
         None,
     )
     adapter_path: str = _help("Output folder: adapter, checkpoints, metrics.", "adapters")
+    # Preference training (training/preference.py): data of chosen/rejected pairs.
+    method: str = _help(
+        "sft: learn the replies; dpo or orpo: learn preferences from chosen/rejected pairs.", "sft"
+    )
+    beta: float = _help("DPO: how far the policy may move from the reference.", 0.1)
+    orpo_lambda: float = _help("ORPO: weight of the odds-ratio term beside the NLL.", 0.1)
+    reference_adapter: str | None = _help(
+        "DPO: the reference is the base plus this adapter (the trained one starts from it); "
+        "default: the base alone.",
+        None,
+    )
     # LoRA (see adapters.LoraConfig)
     rank: int = _default(_LORA, "rank", "LoRA rank r.")
     alpha: float = _default(_LORA, "alpha", "LoRA alpha; scale = alpha / rank.")
@@ -259,6 +271,7 @@ class TrainConfig:
             )  # fmt: skip
         if self.dp_enabled:
             problems += self._dp_problems()
+        problems += self._preference_problems()
         if self.hostfile is not None and self.workers != 1:
             problems.append(("hostfile", "give workers or hostfile, not both"))
         for key in ("grad_checkpoint", "keep_best", "resume", "offline_guard"):
@@ -290,6 +303,30 @@ class TrainConfig:
         ):
             if not ok:
                 problems.append((key, f"with DP training, {key} must be {why}"))
+        return problems
+
+    def _preference_problems(self) -> list[tuple[str, str]]:
+        if self.method not in METHODS:
+            return [("method", f"method must be one of {', '.join(METHODS)}, got {self.method!r}")]
+        problems = []
+        for key in ("beta", "orpo_lambda"):
+            value = getattr(self, key)
+            if not (_number(value) and value > 0):
+                problems.append((key, f"{key} must be a number > 0, got {value!r}"))
+        if self.reference_adapter is not None and self.method != "dpo":
+            problems.append(
+                ("reference_adapter", "reference_adapter is for method dpo (ORPO and SFT use none)")
+            )
+        if self.method == "sft":
+            return problems
+        if self.batching != "bucketed":
+            problems.append(("batching", f"method {self.method} trains on bucketed pairs only"))
+        if self.dp_enabled:
+            # Why: see README, "DPO and ORPO": a pair's clipped gradient would need the LoRA
+            # factors tiled per pair through two forward passes, which DP-SGD here does not do.
+            problems.append(
+                ("method", f"method {self.method} cannot be combined with DP-SGD (dp_*) yet")
+            )
         return problems
 
     def _nested_problems(self) -> list[tuple[str, str]]:
@@ -400,6 +437,8 @@ _FLOAT_FIELDS = {
     "learning_rate",
     "min_learning_rate",
     "weight_decay",
+    "beta",
+    "orpo_lambda",
 }
 
 

@@ -88,11 +88,24 @@ def plot_losses(records: list[dict], path: str | os.PathLike, title: str = "") -
         if valid:
             ax.plot(*zip(*valid), "o-", label="validation loss", linewidth=1.5)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (cross-entropy per trained token)")
+        preference = any("accuracy" in r for r in records)
+        ax.set_ylabel("loss (DPO/ORPO, per pair)" if preference else "loss (cross-entropy per trained token)")  # fmt: skip
         if title:
             ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles = ax.get_legend_handles_labels()
+        if preference:
+            # DPO/ORPO: the share of pairs whose chosen reply wins, on a 0-1 axis of its own.
+            right = ax.twinx()
+            for key, style in (("accuracy", ":"), ("val_accuracy", "s--")):
+                points = [(r["step"], r[key]) for r in records if key in r]
+                if points:
+                    right.plot(*zip(*points), style, label=key.replace("_", " "), color="tab:green")
+            right.set_ylim(-0.02, 1.02)
+            right.set_ylabel("accuracy (chosen preferred)")
+            extra = right.get_legend_handles_labels()
+            handles = (handles[0] + extra[0], handles[1] + extra[1])
+        ax.legend(*handles)
         fig.tight_layout()
         path = Path(path)
         write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -28,7 +28,7 @@ class TrainProgress:
             MofNCompleteColumn(),
             TextColumn(
                 "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  "
-                "peak {task.fields[mem]}"
+                "peak {task.fields[mem]}  {task.fields[detail]}"
             ),
             TimeElapsedColumn(),
             TextColumn("ETA"),
@@ -36,7 +36,14 @@ class TrainProgress:
             console=self.console,
         )
         self.task = self.progress.add_task(
-            "train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-", mem="-"
+            "train",
+            total=total_steps,
+            completed=start_step,
+            loss="-",
+            lr="-",
+            tps="-",
+            mem="-",
+            detail="",
         )
 
     def __enter__(self):
@@ -46,7 +53,11 @@ class TrainProgress:
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, peak_gb: float):
+    def update(
+        self, step: int, loss: float, lr: float, tokens_per_s: float, peak_gb: float,
+        detail: str = "",
+    ):  # fmt: skip
+        """detail: more figures for the line (a preference run's accuracy and margin)."""
         self.progress.update(
             self.task,
             completed=step,
@@ -54,6 +65,7 @@ class TrainProgress:
             lr=f"{lr:.2e}",
             tps=f"{tokens_per_s:,.0f}",
             mem=f"{peak_gb:.2f} GB",
+            detail=detail,
         )
 
     def log(self, message: str) -> None:

@@ -28,6 +28,7 @@ from ..adapters.files import (
 )
 from ..backend.cpu_matmul import dequantized_matmuls
 from ..data.packing import BATCHING
+from . import preference
 from .checkpoint import (
     CheckpointError,
     TrainState,
@@ -131,6 +132,10 @@ def train(
         from ..privacy.dp import PoissonBatches
 
         batch_iterator = PoissonBatches  # DP-SGD's accountant assumes Poisson sampling
+    # DPO/ORPO: batches of chosen/rejected pairs, the preference loss and step.
+    pairs = preference.settings_for(config)
+    if pairs is not None:
+        batch_iterator = preference.PairBatchIterator
     batch_iterator = batch_iterator or BATCHING[config.batching]
     with (
         offline(config.offline_guard),
@@ -140,6 +145,8 @@ def train(
         fingerprint = base_fingerprint(model, tokenizer)
         mx.random.seed(config.seed)  # the adapters' initial A matrices
         apply_adapters(model, config.lora_config())
+        if pairs is not None:
+            pairs.reference = preference.start_from_reference(model, config, fingerprint)
         pad = tokenizer.pad_token_id or 0
 
         def make_batches(position: dict | None = None):
@@ -164,8 +171,11 @@ def train(
         batches = make_batches(state.data_position)
         # The widest batch the data makes, not max_length: short examples make narrow batches.
         length, trained = batch_extent(batches) or (config.max_length, None)
+        rows = config.batch_size
+        if pairs is not None:  # two rows per pair
+            (length, trained), rows = preference.pair_extent(batches), 2 * config.batch_size
         estimate = estimate_memory(
-            model, config.lora_config(), config.batch_size, length, config.grad_checkpoint,
+            model, config.lora_config(), rows, length, config.grad_checkpoint,
             optimizer=config.optimizer, batching=config.batching,
             grad_accumulation=config.grad_accumulation,
             logit_positions=trained if logits_at_trained(loss_fn) else None,
@@ -192,13 +202,21 @@ def train(
                 ui.log(f"no checkpoint in {out}: starting a fresh run")
 
             def validate(step: int) -> None:
-                loss = evaluate_loss(
-                    model, valid_examples, config.batch_size, config.max_length,
-                    config.eval_batches, pad, loss_fn, config.batching,
-                )[0]  # fmt: skip
+                if pairs is not None:
+                    figures = preference.evaluate_preferences(
+                        model, valid_examples, config.batch_size, config.max_length, pairs,
+                        config.eval_batches, pad,
+                    )  # fmt: skip
+                    loss = figures["val_loss"]
+                else:
+                    loss = evaluate_loss(
+                        model, valid_examples, config.batch_size, config.max_length,
+                        config.eval_batches, pad, loss_fn, config.batching,
+                    )[0]  # fmt: skip
+                    figures = {"val_loss": loss, "val_perplexity": perplexity(loss)}
                 if _record_validation(state, step, loss) and config.keep_best and writer:
                     save_adapter(out, model, config.lora_config(), fingerprint)
-                record = {"step": step, "val_loss": loss, "val_perplexity": perplexity(loss)}
+                record = {"step": step, **figures}
                 metrics.write(record)
                 ui.log(f"step {step}: validation loss {loss:.4f}")
                 for c in callbacks:
@@ -207,6 +225,8 @@ def train(
             if valid_examples is not None and not state.val_losses:
                 validate(0)
             step_fn = make_step(model, optimizer, loss_fn, group)
+            if pairs is not None:
+                step_fn = preference.make_preference_step(model, optimizer, pairs, group)
             if dp is not None:
                 from ..privacy.dp import make_dp_step, noise_secret
 
@@ -222,6 +242,7 @@ def train(
                 ui.update(
                     state.step, record["loss"], record["learning_rate"],
                     record["tokens_per_second"], record["peak_memory_gb"],
+                    preference.describe(record),
                 )  # fmt: skip
                 for c in callbacks:
                     c.on_step_end(record)
@@ -281,7 +302,10 @@ def _train_step(step_fn, model, optimizer, batches, state: TrainState, config, g
     state.step = step
     state.losses.append(loss.item())
     state.trained_tokens += tokens
+    # A preference step hands back the step's summed pair figures instead of None.
+    figures = preference.pair_metrics(carry) if isinstance(carry, dict) else {}
     return {
+        **figures,
         "step": step,
         "loss": state.losses[-1],
         # After the update the optimiser holds the rate it has just used.
@@ -329,6 +353,9 @@ def examples_fingerprint(examples) -> str:
     for example in examples:
         digest.update(np.asarray(example["input_ids"], dtype=np.int64).tobytes())
         digest.update(np.asarray(example["loss_mask"], dtype=np.int8).tobytes())
+        for key in preference.REJECTED_KEYS:  # preference pairs: the rejected side too
+            if key in example:
+                digest.update(np.asarray(example[key], dtype=np.int64).tobytes())
         digest.update(b"|")  # so that example boundaries count
     return digest.hexdigest()
 
