@@ -149,8 +149,7 @@ def check_llama_cpp_computes_it(args, source) -> None:
     scaling = _rope_scaling(args)
     if scaling is not None and scaling.get("rope_type") not in ("linear", "llama3"):
         problems.append(
-            f"RoPE scaling {scaling.get('rope_type')!r} is not written here (linear and "
-            "llama3 are)"
+            f"RoPE scaling {scaling.get('rope_type')!r} is not written here (linear and llama3 are)"
         )
     if problems:
         raise GGUFExportError(

@@ -64,7 +64,7 @@ def tensor_name_map(architecture: GGUFArchitecture, blocks: int):
 
 
 def gguf_tensor_name(names, hub_name: str) -> str | None:
-    """"model.layers.0.self_attn.q_proj.weight" -> "blk.0.attn_q.weight" (None: no GGUF name)."""
+    """ "model.layers.0.self_attn.q_proj.weight" -> "blk.0.attn_q.weight" (None: no GGUF name)."""
     return names.get_name(hub_name, try_suffixes=(".weight", ".bias"))
 
 

@@ -64,8 +64,10 @@ def _merge_strings(merges) -> list[str]:
 def _adds_space_prefix(data: dict) -> bool:
     """Whether SentencePiece-style text gets a leading ▁ (Metaspace or a Prepend normaliser)."""
     text = json.dumps([data.get("pre_tokenizer"), data.get("normalizer")])
-    return '"prepend_scheme": "first"' in text or '"prepend_scheme": "always"' in text or (
-        '"type": "Prepend"' in text
+    return (
+        '"prepend_scheme": "first"' in text
+        or '"prepend_scheme": "always"' in text
+        or ('"type": "Prepend"' in text)
     )
 
 
