@@ -184,9 +184,10 @@ def _add_hyperparameters(writer, args, arch: str) -> None:
     writer.add_layer_norm_rms_eps(args.rms_norm_eps)
     writer.add_rope_freq_base(float(args.rope_theta))
     writer.add_vocab_size(args.vocab_size)
-    if head_dim != args.hidden_size // args.num_attention_heads or arch == "gemma3":
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    # Always written, as llama.cpp's converter does for configs that name head_dim: readers'
+    # defaults differ (transformers' Qwen3 assumes 128).
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     rotary = head_dim
     if arch == "phi3":
         rotary = int(head_dim * args.partial_rotary_factor)
