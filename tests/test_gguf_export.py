@@ -29,8 +29,8 @@ Q = gguf.GGMLQuantizationType
 IDS = np.random.default_rng(0).integers(0, VOCAB_SIZE, size=(2, 8))
 ADAPTER = LoraConfig(rank=4, alpha=8, target_modules="all-linear")
 
-# Our fixture variant per family -> llama.cpp's architecture. llama.cpp fixes Gemma 3's layer
-# pattern (every 6th layer global) and query scale (head_dim ** -0.5): a Gemma shaped so.
+# Our fixture variant per family -> llama.cpp's architecture. transformers' GGUF loader reads
+# all but smollm3, which is checked with the gguf package's reader and ours.
 FAMILIES = {
     "llama": "llama",
     "llama_tied_bias_head_dim": "llama",
@@ -39,6 +39,7 @@ FAMILIES = {
     "qwen3": "qwen3",
     "phi3": "phi3",
     "gemma3_llama_cpp": "gemma3",
+    "smollm3_llama_cpp": "smollm3",
 }
 
 # What transformers' GGUF loader does not read from a file that has it, given as config overrides:
@@ -52,15 +53,24 @@ TRANSFORMERS_GAPS = {
 }
 
 
+# Shaped as llama.cpp runs them: Gemma 3 with every 6th layer global and queries scaled by
+# head_dim ** -0.5; SmolLM3 with every 4th layer unrotated.
+LLAMA_CPP_SHAPED = {
+    "gemma3_llama_cpp": ("gemma3_text", dict(num_hidden_layers=6, query_pre_attn_scalar=16)),
+    "smollm3_llama_cpp": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=4)),
+}
+
+
 def write_base(folder, variant: str):
-    """A tiny random base of `variant` (plus a Gemma 3 shaped as llama.cpp runs it)."""
-    if variant != "gemma3_llama_cpp":
+    """A tiny random base of `variant`, or of one of LLAMA_CPP_SHAPED."""
+    if variant not in LLAMA_CPP_SHAPED:
         return write_hf_model(folder, variant)
-    extra = {k: v for k, v in VARIANTS["gemma3_text"][2].items() if k != "layer_types"}
-    extra.update(num_hidden_layers=6, query_pre_attn_scalar=16)
+    family, changes = LLAMA_CPP_SHAPED[variant]
+    config_name, model_name, extra = VARIANTS[family]
+    extra = {k: v for k, v in extra.items() if k != "layer_types"}
     torch.manual_seed(0)
-    config = transformers.Gemma3TextConfig(**{**COMMON, **extra})
-    model = transformers.Gemma3ForCausalLM(config).eval()
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **changes})
+    model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -105,8 +115,9 @@ def test_fused_gguf_matches_the_fused_model(tmp_path, variant):
     assert field(reader, "tokenizer.chat_template") == load(base)[1].chat_template
     assert {t.tensor_type for t in reader.tensors} == {Q.F32}
 
-    extra = TRANSFORMERS_GAPS.get(variant, {})
-    np.testing.assert_allclose(transformers_logits(path, **extra), expected, atol=1e-4, rtol=0)
+    if variant != "smollm3_llama_cpp":  # transformers' GGUF loader has no smollm3
+        extra = TRANSFORMERS_GAPS.get(variant, {})
+        np.testing.assert_allclose(transformers_logits(path, **extra), expected, atol=1e-4)
     ours, tokenizer, _ = load_gguf(path)
     np.testing.assert_allclose(logits(ours), expected, atol=1e-5, rtol=0)
     text = "What is the capital of France? 42"
@@ -195,6 +206,14 @@ def test_settings_llama_cpp_hard_codes_are_refused(tmp_path):
     net, tokenizer = load(tmp_path / "base")
     with pytest.raises(GGUFExportError, match="query_pre_attn_scalar 24 is not head_dim 16"):
         write_gguf_model(tmp_path / "m.gguf", net, tokenizer)
+    for variant, message in [
+        ("smollm3", r"NoPE layers \[1, 0\] are not every 4th layer"),
+        ("mistral_sliding", "llama.cpp's mistral has no sliding-window attention"),
+    ]:
+        write_hf_model(tmp_path / variant, variant)
+        net, tokenizer = load(tmp_path / variant)
+        with pytest.raises(GGUFExportError, match=message):
+            write_gguf_model(tmp_path / "m.gguf", net, tokenizer)
     assert not (tmp_path / "m.gguf").exists()
 
 
