@@ -23,6 +23,7 @@ from ondevice_lora.loading.convert import convert
 from ondevice_lora.loading.weights import read_safetensors
 from tests.adapter_fixtures import write_adapter
 from tests.hf_fixtures import COMMON, VARIANTS, VOCAB_SIZE, write_hf_model
+from tests.real_models import smollm2_path
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -295,3 +296,54 @@ def test_gguf_lora_import_checks_the_base(tmp_path):
     with pytest.raises(AdapterFormatError, match="A model GGUF is loaded with --model"):
         import_gguf_lora(fused, tmp_path / "back", model=str(tmp_path / "llama"))
     assert not (tmp_path / "back").exists()
+
+
+# --- the built-in model (slow tier) --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_fused_gguf_keeps_its_codes(tmp_path):
+    """The built-in Q4_1 SmolLM2 GGUF, fused (the MLX folder `fuse` writes) and written as GGUF:
+    untouched layers are the source's bytes, and transformers' GGUF loader computes the file as
+    the fused MLX model. (`fuse --out x.gguf` runs the same writer on the same fused model, as
+    the tiny models' tests show; fusing once keeps this test short.)"""
+    source = smollm2_path()
+    config = LoraConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj"], num_layers=2)
+    adapter = write_adapter(source, tmp_path / "adapter", config, lora_b_std=0.02)
+    # One short sample keeps fuse's own loss measurement quick.
+    fuse(source, [adapter], tmp_path / "fused", samples=["The capital of France is Paris."])
+    fused, tokenizer = load(tmp_path / "fused")
+    path = write_gguf_model(tmp_path / "fused.gguf", fused, tokenizer)
+    fused.set_dtype(mx.float32)  # exact; MLX's CPU computes float32 fastest
+
+    theirs = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    adapted = {f"blk.{i}.attn_{p}.weight" for i in (28, 29) for p in "qv"}
+    kept = 0
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name in adapted:  # re-quantised on the base's grid: still Q4_1
+            assert t.tensor_type == Q.Q4_1
+            assert not np.array_equal(t.data, theirs[t.name].data)
+        elif t.tensor_type in (Q.Q4_1, Q.Q8_0):
+            assert t.tensor_type == theirs[t.name].tensor_type, t.name
+            np.testing.assert_array_equal(t.data, theirs[t.name].data, err_msg=t.name)
+            kept += 1
+    assert kept == 211 - len(adapted)  # every other matrix, the Q8_0 embedding included
+
+    ids = np.array([tokenizer.encode("The capital of France is Paris. Fine-tuning on a Mac")])
+    expected = np.array(fused(mx.array(ids)))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="fused.gguf", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        actual = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(actual, expected, atol=2e-3, rtol=0)
+    np.testing.assert_allclose(np.array(load_gguf(path)[0](mx.array(ids))), expected, atol=2e-3)
+
+    # Q8_0 re-encodes the 4-bit layers: 1/127 of each block's largest weight is ~0.7% of a
+    # weight here (fp16: 0.03%), which moves SmolLM2's logits by ~3% of their norm (fp16: 0.1%).
+    # The greedy tokens stay the same.
+    q8 = write_gguf_model(tmp_path / "q8.gguf", fused, tokenizer, "q8_0")
+    actual = np.array(load_gguf(q8)[0](mx.array(ids)))
+    error = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+    assert 0 < error < 5e-2
+    assert (actual.argmax(-1) == expected.argmax(-1)).all()

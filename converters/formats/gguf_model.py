@@ -10,9 +10,10 @@ What goes in, as llama.cpp's own converter (convert_hf_to_gguf.py) writes it:
 
 Quantised types: Q8_0, Q4_0 and Q4_1 from float weights use gguf.quants' reference encoders,
 which gguf-py tests byte for byte against ggml's own quantize_row_*_ref. A layer that is already
-4-bit in MLX (affine, groups of 32, float16-exact scales and offsets, as in a Q4_0/Q4_1 base
-fused with --requantize) keeps its codes exactly: MLX's w = scale * q + bias is Q4_1's
-w = d * q + m, and Q4_0's w = d * (q - 8) when bias = -8 * scale. A matrix whose rows do not
+quantised in MLX on a GGML grid (affine, groups of 32, float16-exact scales and offsets, as in a
+Q4_0/Q4_1/Q8_0 base fused with --requantize) keeps its codes exactly: MLX's 4-bit
+w = scale * q + bias is Q4_1's w = d * q + m, and Q4_0's w = d * (q - 8) when bias = -8 * scale;
+MLX's 8-bit w = scale * u + bias is Q8_0's w = d * (u - 128) when bias = -128 * scale. A matrix whose rows do not
 divide into blocks of 32 falls back to F16, as llama.cpp's converter does.
 """
 
@@ -63,8 +64,8 @@ def write_gguf_model(
     """Write `net` (one of our models) and `tokenizer` as one GGUF file `out`; returns `out`.
 
     tensor_type: f32, f16, bf16, q8_0, q4_0 or q4_1 for every weight matrix; None keeps each
-    layer as it is: exact 4-bit layers as Q4_0/Q4_1, other quantised layers de-quantised to
-    F16, float layers in their own dtype. The file is built beside `out` and renamed into place.
+    layer as it is: layers on a GGML grid as Q4_0/Q4_1/Q8_0, other quantised layers
+    de-quantised to F16, float layers in their own dtype. The file is built beside `out` and renamed into place.
     """
     import gguf
 
@@ -232,7 +233,7 @@ def _tensor(key, params, module, tensor_type, heads, arch):
 
     layer = key.rpartition(".")[0]
     if f"{layer}.scales" in params:
-        carried = _carry_4bit(module, tensor_type, heads)
+        carried = _carry_blocks(module, tensor_type, heads)
         if carried is not None:
             return carried
         weight = mx.dequantize(
@@ -265,13 +266,15 @@ def _tensor(key, params, module, tensor_type, heads, arch):
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def _carry_4bit(module, tensor_type, heads):
-    """(raw Q4_0 or Q4_1 blocks, type) holding exactly the 4-bit MLX layer's values, or None."""
+def _carry_blocks(module, tensor_type, heads):
+    """(raw Q4_0, Q4_1 or Q8_0 blocks, type) holding exactly the quantised MLX layer's values,
+    or None when its grid is not one of those."""
     import gguf
 
-    if not (module.bits == 4 and module.group_size == BLOCK and module.mode == "affine"):
+    if module.mode != "affine" or module.group_size != BLOCK or module.bits not in (4, 8):
         return None
-    if tensor_type not in (None, "q4_0", "q4_1"):
+    allowed = (None, "q8_0") if module.bits == 8 else (None, "q4_0", "q4_1")
+    if tensor_type not in allowed:
         return None
     scales = np.array(module.scales.astype(mx.float32))
     biases = np.array(module.biases.astype(mx.float32))
@@ -280,22 +283,33 @@ def _carry_4bit(module, tensor_type, heads):
         and np.array_equal(biases.astype(np.float16).astype(np.float32), biases)
     ):
         return None
-    q4_0 = np.array_equal(biases, -8 * scales)
-    if tensor_type == "q4_0" and not q4_0:
-        return None
-    # Unpack MLX's codes: 8 per uint32, lowest nibble first. (rows, cols / 8) -> (rows, cols)
+    # MLX packs codes into uint32s lowest bits first; as little-endian bytes they are in order.
     packed = np.array(module.weight).view(np.uint8)
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+    rows = packed.shape[0]
+    if module.bits == 8:
+        # Q8_0: w = d * q with q an int8; MLX: w = scale * u + bias with u = q + 128.
+        if not np.array_equal(biases, -128 * scales):
+            return None
+        codes = packed.astype(np.int16) - 128
+    else:
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)
     if heads is not None:
         codes, scales, biases = (permute_rows(a, heads) for a in (codes, scales, biases))
-    rows, groups = scales.shape
+    groups = scales.shape[1]
     blocks = codes.reshape(rows, groups, BLOCK)
+    d = scales.astype(np.float16)[..., None].view(np.uint8)  # (rows, groups, 2)
+    if module.bits == 8:
+        raw = np.concatenate([d, blocks.astype(np.int8).view(np.uint8)], axis=-1)
+        return raw.reshape(rows, -1), gguf.GGMLQuantizationType.Q8_0
     # GGML packs a block's 32 codes as 16 bytes: code j in the low nibble, code j + 16 high.
     nibbles = (blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)).astype(np.uint8)
-    d = scales.astype(np.float16)[..., None].view(np.uint8)  # (rows, groups, 2)
-    if q4_0 and tensor_type != "q4_1":
+    if np.array_equal(biases, -8 * scales) and tensor_type != "q4_1":
+        # Q4_0: w = d * (q - 8)
         raw, qtype = np.concatenate([d, nibbles], axis=-1), gguf.GGMLQuantizationType.Q4_0
+    elif tensor_type == "q4_0":
+        return None
     else:
+        # Q4_1: w = d * q + m
         m = biases.astype(np.float16)[..., None].view(np.uint8)
         raw, qtype = np.concatenate([d, m, nibbles], axis=-1), gguf.GGMLQuantizationType.Q4_1
     return raw.reshape(rows, -1), qtype

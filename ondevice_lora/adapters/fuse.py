@@ -255,7 +255,7 @@ def _logits(net: nn.Module, inputs: list[mx.array]) -> mx.array:
 )
 @click.option("--dtype", default=None, help="float16, bfloat16 or float32 [default: source's].")
 @click.option("--force", is_flag=True, help="Replace the model files in a non-empty --out.")
-@gguf_type_option("each layer as it is: exact 4-bit layers as Q4_0/Q4_1, the rest float")
+@gguf_type_option("each layer as it is: Q4_0/Q4_1/Q8_0 codes kept exactly, the rest float")
 @user_errors
 def fuse_command(model_name, adapters, weights, out, dequantize, dtype, force, gguf_type):
     """Fold adapters into the base model and save it, reporting what the fold loses."""
