@@ -347,3 +347,25 @@ def test_smollm2_fused_gguf_keeps_its_codes(tmp_path):
     error = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
     assert 0 < error < 5e-2
     assert (actual.argmax(-1) == expected.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_fuse_and_convert_default_to_the_built_in_model(tmp_path):
+    smollm2_path()  # skips when it is not installed
+    out = tmp_path / "smollm2-q8.gguf"
+    result = CliRunner().invoke(main, ["convert", "--out", str(out), "--bits", "8"])
+    assert result.exit_code == 0, result.output
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.architecture") == "llama"
+    assert field(reader, "tokenizer.ggml.pre") == "smollm"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+    assert reader.get_tensor(0).tensor_type in (Q.Q8_0, Q.F32)
+    # An adapter for another base is refused by the built-in one: fuse loaded it.
+    write_hf_model(tmp_path / "tiny", "llama")
+    adapter = write_adapter(tmp_path / "tiny", tmp_path / "adapter", ADAPTER)
+    args = ["fuse", "--adapter", str(adapter), "--out", str(tmp_path / "f.gguf")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "512 tokens for the adapter, 49152 for this model" in (
+        result.output
+    )
+    assert not (tmp_path / "f.gguf").exists()
