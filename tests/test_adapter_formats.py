@@ -478,15 +478,15 @@ def test_conversion_never_overwrites_its_source(bases, tmp_path, fmt):
 def test_unknown_format_lists_the_known_ones(tmp_path):
     with pytest.raises(AdapterFormatError, match="known formats: peft, mlx-lm, gguf-lora"):
         export_adapter("onnx", tmp_path, tmp_path / "out")
-    with pytest.raises(AdapterFormatError, match="known formats: peft, mlx-lm"):
-        import_adapter("gguf-lora", tmp_path, tmp_path / "out", model="unused")
+    with pytest.raises(AdapterFormatError, match="known formats: peft, mlx-lm, gguf-lora"):
+        import_adapter("onnx", tmp_path, tmp_path / "out", model="unused")
     result = CliRunner().invoke(main, ["export", "onnx", "--adapter", "a", "--out", "b"])
     assert result.exit_code == 2
     assert "unknown export format 'onnx'; known formats: " in result.output
     assert all(name in result.output for name in ("peft", "mlx-lm", "gguf-lora", "coreml"))
     args = ["--format", "onnx", "--path", "a", "--model", "m", "--out", "b"]
     result = CliRunner().invoke(import_adapter_command, args)
-    assert result.exit_code == 2 and "'peft', 'mlx-lm'" in result.output
+    assert result.exit_code == 2 and "'peft', 'mlx-lm', 'gguf-lora'" in result.output
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -502,7 +502,7 @@ def test_cli_export_and_import_round_trip(bases, tmp_path):
         result = runner.invoke(export_group, args)
         assert result.exit_code == 0, result.output
         assert str(tmp_path / out) in result.output
-    for fmt, path in [("peft", "peft"), ("mlx-lm", "mlx")]:
+    for fmt, path in [("peft", "peft"), ("mlx-lm", "mlx"), ("gguf-lora", "a.gguf")]:
         back = tmp_path / f"back-{fmt}"
         args = ["--format", fmt, "--path", str(tmp_path / path), "--model", str(folder)]
         result = runner.invoke(import_adapter_command, [*args, "--out", str(back)])

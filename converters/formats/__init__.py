@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .common import AdapterFormatError
 from .gguf_lora import export_gguf_lora
+from .gguf_lora_read import import_gguf_lora
 from .mlx_lm import export_mlx_lm, import_mlx_lm
 from .peft import export_peft, import_peft
 
@@ -22,13 +23,14 @@ __all__ = [
     "export_mlx_lm",
     "export_peft",
     "import_adapter",
+    "import_gguf_lora",
     "import_mlx_lm",
     "import_peft",
 ]
 
 # Format name (as the CLI spells it) -> function.
 EXPORTERS = {"peft": export_peft, "mlx-lm": export_mlx_lm, "gguf-lora": export_gguf_lora}
-IMPORTERS = {"peft": import_peft, "mlx-lm": import_mlx_lm}
+IMPORTERS = {"peft": import_peft, "mlx-lm": import_mlx_lm, "gguf-lora": import_gguf_lora}
 
 
 def _pick(table: dict, fmt: str, what: str):
@@ -45,6 +47,7 @@ def export_adapter(fmt: str, adapter_folder, out, **options):
 
 
 def import_adapter(fmt: str, path, out, model):
-    """Import a `fmt` ("peft", "mlx-lm") adapter as our adapter folder `out` for base `model`
-    (a path, Hub id, or loaded (model, tokenizer) pair); returns `out`."""
+    """Import a `fmt` ("peft", "mlx-lm", "gguf-lora") adapter as our adapter folder `out` for
+    base `model` (a path, Hub id, None for the built-in model, or a loaded (model, tokenizer)
+    pair); returns `out`."""
     return _pick(IMPORTERS, fmt, "import from")(path, out, model=model)

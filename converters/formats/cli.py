@@ -1,4 +1,5 @@
-"""`ondevice-lora export peft|mlx-lm|gguf-lora` and `ondevice-lora import-adapter`.
+"""`ondevice-lora export peft|mlx-lm|gguf-lora` and `ondevice-lora import-adapter`
+(peft, mlx-lm, gguf-lora).
 
 The commands are registered on the main group by ondevice_lora/cli.py: `export_group` (which
 holds `peft_command`, `mlx_lm_command` and `gguf_lora_command`) and `import_adapter_command`.
@@ -86,15 +87,17 @@ assert set(export_group.commands) == set(EXPORTERS)  # one command per exporter
     type=click.Choice(list(IMPORTERS)),
     help="The format of the adapter to import.",
 )
-@click.option("--path", required=True, help="The adapter folder to import.")
+@click.option(
+    "--path", required=True, help="The adapter to import: a folder, or a .gguf file (gguf-lora)."
+)
 @click.option(
     "--model",
-    required=True,
+    default=None,
     help="The base model it goes with (folder, .gguf or Hub id); the import is checked "
-    "against it and tied to it.",
+    "against it and tied to it. Default: the built-in SmolLM2-135M-Instruct.",
 )
 @click.option("--out", required=True, help="Where to write our adapter folder.")
 @user_errors
 def import_adapter_command(fmt, path, model, out):
-    """Import a PEFT or mlx-lm adapter as an ondevice-lora adapter folder."""
+    """Import a PEFT, mlx-lm or GGUF LoRA adapter as an ondevice-lora adapter folder."""
     click.echo(f"adapter: {import_adapter(fmt, path, out, model)}")

@@ -1,5 +1,5 @@
 """GGUF LoRA adapters for llama.cpp (`llama-cli --lora`, `llama-server --lora`), written with
-the `gguf` package. Export only.
+the `gguf` package; gguf_lora_read.py reads them back.
 
 What llama.cpp's adapter loader expects, and what llama.cpp's own converter writes:
   - metadata general.type = "adapter", adapter.type = "lora", general.architecture = the
@@ -10,10 +10,12 @@ What llama.cpp's adapter loader expects, and what llama.cpp's own converter writ
   - llama.cpp scales by alpha / r in float32, with r read from the tensors and no rsLoRA: we
     store alpha = scale * r (so rsLoRA carries over), picking the float32 alpha whose alpha / r
     is our float32 scale: exact for power-of-two ranks and most others, else one ulp away;
-  - the llama architecture's converter reorders each head's query and key rows (GGML rotates
-    adjacent feature pairs, Hugging Face rotates the two halves). The base GGUF's attn_q and
-    attn_k rows are permuted, so lora_b's rows, which index the same outputs, must be too;
-    lora_a indexes inputs and is left alone.
+  - names and layouts per family are gguf_names.py's. For the Llama-style families llama.cpp's
+    converter reorders each head's query and key rows (GGML rotates adjacent feature pairs,
+    Hugging Face rotates the two halves). The base GGUF's attn_q and attn_k rows are permuted,
+    so lora_b's rows, which index the same outputs, must be too; lora_a indexes inputs and is
+    left alone. Phi-3's fused projections (qkv_proj, gate_up_proj) are llama.cpp's attn_qkv and
+    ffn_up as they are.
 DoRA has no GGUF form: llama.cpp's adapters carry no magnitude vector.
 """
 
@@ -34,33 +36,10 @@ from .common import (
     read_our_adapter,
     split_layer_path,
 )
+from .gguf_names import PERMUTED, gguf_architecture, gguf_tensor_name, permute_rows, tensor_name_map
 
 ADAPTER_TYPE = "lora"
 LORA_A, LORA_B = "lora_a", "lora_b"  # suffixes after the GGUF tensor name
-# Our model_type -> (GGUF architecture name, whether llama.cpp permutes its Q/K rows).
-# Mistral checkpoints convert as llama; Qwen uses GGML's NEOX rotation, which needs no reorder.
-ARCHITECTURES = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),
-    "qwen2": ("qwen2", False),
-    "qwen3": ("qwen3", False),
-}
-# Path inside a decoder layer -> the ModelArgs field with its number of heads, for the rows
-# llama.cpp permutes.
-PERMUTED = {
-    "self_attn.q_proj": "num_attention_heads",
-    "self_attn.k_proj": "num_key_value_heads",
-}
-
-
-def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder each head's rows from Hugging Face's halves to GGML's adjacent pairs.
-
-    The inverse of ondevice_lora.loading.gguf's un-permutation, applied when reading a base GGUF.
-    """
-    head_dim = w.shape[0] // n_heads
-    # (rows, r) -> (heads, 2, head_dim/2, r) -> (heads, head_dim/2, 2, r) -> (rows, r)
-    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def export_gguf_lora(adapter_folder, out) -> Path:
@@ -91,27 +70,20 @@ def export_gguf_lora(adapter_folder, out) -> Path:
             f'{config_path}: does not record its base model\'s architecture (no "base" entry), '
             "which the GGUF export needs (architecture name and attention head counts)."
         )
-    model_type = architecture.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise AdapterFormatError(
-            f"{config_path}: model_type {model_type!r} has no GGUF export; supported: "
-            f"{', '.join(ARCHITECTURES)}."
-        )
-    arch_name, permuted = ARCHITECTURES[model_type]
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch_name)
+    arch = gguf_architecture(architecture.get("model_type"), config_path)
     blocks = architecture.get("num_hidden_layers") or max(layer_indices(modules)) + 1
     # gguf's own table of Hugging Face -> GGUF tensor names, the one llama.cpp's converter uses.
-    names = gguf.get_tensor_name_map(arch, blocks)
+    names = tensor_name_map(arch, blocks)
 
     tensors = {}
     for path, parts in modules.items():
-        gguf_name = names.get_name(f"{path}.weight", try_suffixes=(".weight",))
+        gguf_name = gguf_tensor_name(names, f"{path}.weight")
         if gguf_name is None:
             raise AdapterFormatError(f"{adapter_folder}: {path} has no GGUF tensor name.")
         lora_a = np.array(parts["lora_a"], dtype=np.float32)
         lora_b = np.array(parts["lora_b"], dtype=np.float32)
         heads_field = PERMUTED.get(split_layer_path(path)[1])
-        if permuted and heads_field:
+        if arch.permuted_qk and heads_field:
             lora_b = permute_rows(lora_b, architecture[heads_field])
         tensors[f"{gguf_name}.{LORA_A}"] = np.ascontiguousarray(lora_a)
         tensors[f"{gguf_name}.{LORA_B}"] = np.ascontiguousarray(lora_b)
@@ -120,7 +92,7 @@ def export_gguf_lora(adapter_folder, out) -> Path:
     alpha = float32_alpha_for_scale(scale, config.rank)
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, arch_name)
+        writer = gguf.GGUFWriter(tmp, arch.name)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, ADAPTER_TYPE)
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))

@@ -31,10 +31,13 @@ from ..loading.convert import (
     check_not_source,
     check_out_folder,
     dequantize_model,
+    gguf_type_option,
+    is_gguf_file,
     load_source,
     model_quantization,
     output_config,
     source_dtype,
+    write_model,
     write_model_folder,
 )
 from ..models.activation_range import FP16_MAX, measure_ranges
@@ -83,7 +86,7 @@ FP16_HEADROOM = 2.0
 
 
 def fuse(
-    model_name: str | os.PathLike,
+    model_name: str | os.PathLike | None,
     adapter_paths: Sequence[str | os.PathLike],
     out_folder: str | os.PathLike,
     dequantize: bool | None = None,
@@ -91,8 +94,10 @@ def fuse(
     weights: Sequence[float] | None = None,
     force: bool = False,
     samples: Sequence[str] = SAMPLE_TEXTS,
+    gguf_type: str | None = None,
 ) -> FuseReport:
-    """Fold adapters into `model_name`'s base and save an mlx-lm folder; returns the report.
+    """Fold adapters into `model_name`'s base (None: the built-in model) and save an mlx-lm
+    folder, or one GGUF file when `out_folder` ends in .gguf; returns the report.
 
     adapter_paths: adapter folders, each checked against the base; several are summed, each
     times its entry in `weights` (default 1), as set_active does. dequantize: None keeps the
@@ -100,6 +105,8 @@ def fuse(
     True writes a dense model, False insists on re-quantising. dtype: float16, bfloat16 or
     float32 for dense weights, scales and biases (default: the source's). Warns with
     FuseLossWarning past MIN_KEPT_SHARE or MAX_EFFECT_ERROR; the folder is written anyway.
+    gguf_type: a GGUF file's tensor type (f32, f16, bf16, q8_0, q4_0, q4_1); None keeps each
+    layer's own (see converters/formats/gguf_model.py).
     """
     adapter_paths = list(adapter_paths)
     weights = [1.0] * len(adapter_paths) if weights is None else list(weights)
@@ -112,6 +119,10 @@ def fuse(
         problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if problems:
         raise OndeviceLoraError("cannot fuse:\n  " + "\n  ".join(problems))
+    if model_name is None:
+        from ..loading.defaults import default_model_path
+
+        model_name = default_model_path()
     source = resolve_model_path(model_name)
     check_not_source(out_folder, source, "fuse")
     out = Path(out_folder).resolve()
@@ -182,9 +193,13 @@ def fuse(
         warnings.warn(message, FuseLossWarning, stacklevel=2)
 
     quant = None if dense else model_quantization(net)
-    # Built beside --out and renamed into place: a failed or killed fuse leaves --out as it was.
-    with atomic_folder(out_folder) as tmp:
-        write_model_folder(tmp, net, tokenizer, output_config(config, quant, dtype), source)
+    fused_config = output_config(config, quant, dtype)
+    if is_gguf_file(out_folder):  # one file, written beside --out and renamed into place
+        write_model(out_folder, net, tokenizer, fused_config, source, force, gguf_type)
+    else:
+        # Built beside --out and renamed into place: a failed or killed fuse leaves --out as it was.
+        with atomic_folder(out_folder) as tmp:
+            write_model_folder(tmp, net, tokenizer, fused_config, source)
     return report
 
 
@@ -253,7 +268,11 @@ def _logits(net: nn.Module, inputs: list[mx.array]) -> mx.array:
 
 @click.command("fuse")
 @click.option(
-    "--model", "-m", "model_name", required=True, help="Base model: folder, .gguf file or Hub id."
+    "--model",
+    "-m",
+    "model_name",
+    default=None,
+    help="Base model: folder, .gguf file or Hub id. Default: the built-in SmolLM2-135M-Instruct.",
 )
 @click.option("--adapter", "-a", "adapters", multiple=True, help="Adapter folder; repeatable.")
 @click.option(
@@ -263,7 +282,12 @@ def _logits(net: nn.Module, inputs: list[mx.array]) -> mx.array:
     multiple=True,
     help="Weight of each --adapter, in order [default: 1 each].",
 )
-@click.option("--out", "-o", required=True, help="Output folder (new or empty).")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    help="Output folder (new or empty), or a .gguf file for llama.cpp, Ollama and LM Studio.",
+)
 @click.option(
     "--dequantize/--requantize",
     default=None,
@@ -271,14 +295,24 @@ def _logits(net: nn.Module, inputs: list[mx.array]) -> mx.array:
 )
 @click.option("--dtype", default=None, help="float16, bfloat16 or float32 [default: source's].")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out, all of it.")
+@gguf_type_option("each layer as it is: Q4_0/Q4_1/Q8_0 codes kept exactly, the rest float")
 @user_errors
-def fuse_command(model_name, adapters, weights, out, dequantize, dtype, force):
+def fuse_command(model_name, adapters, weights, out, dequantize, dtype, force, gguf_type):
     """Fold adapters into the base model and save it, reporting what the fold loses."""
     from rich.console import Console
 
     with warnings.catch_warnings():
         # The report prints each warning itself, with the table.
         warnings.simplefilter("ignore", FuseLossWarning)
-        report = fuse(model_name, adapters, out, dequantize, dtype, weights or None, force=force)
+        report = fuse(
+            model_name,
+            adapters,
+            out,
+            dequantize,
+            dtype,
+            weights or None,
+            force=force,
+            gguf_type=gguf_type,
+        )
     print_report(report, Console())
     click.echo(f"Wrote {report.out_folder}")

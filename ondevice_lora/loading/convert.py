@@ -61,8 +61,15 @@ def check_convert_args(
 
 
 def check_out_folder(out_folder, force: bool = False) -> list[str]:
-    """The problems with writing a model folder to `out_folder` ([] if none)."""
+    """The problems with writing a model folder, or a .gguf file, to `out_folder` ([] if none)."""
     out = Path(out_folder)
+    if is_gguf_file(out):
+        # One file for llama.cpp (converters/formats/gguf_model.py): never a folder.
+        if out.is_dir():
+            return [f"--out {out} is a folder; a .gguf output is one file, give a file path"]
+        if out.exists() and not force:
+            return [f"--out {out} exists; choose a new file or pass --force to replace it"]
+        return []
     if out.exists() and not out.is_dir():
         return [f"--out {out} is a file, not a folder"]
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -73,10 +80,27 @@ def check_out_folder(out_folder, force: bool = False) -> list[str]:
     return []
 
 
+def is_gguf_file(path) -> bool:
+    """Whether an --out path asks for one GGUF file rather than a model folder."""
+    return str(path).lower().endswith(".gguf")
+
+
+def write_model(
+    out, net: nn.Module, tokenizer, config: dict, source: Path, force: bool, gguf_type=None
+) -> Path:
+    """Write a model folder, or one GGUF file when `out` ends in .gguf (gguf_type: its tensor
+    type, see converters/formats/gguf_model.py; None keeps each layer's own)."""
+    if is_gguf_file(out):
+        from converters.formats.gguf_model import write_gguf_model
+
+        return write_gguf_model(out, net, tokenizer, gguf_type)
+    return write_model_folder(out, net, tokenizer, config, source, force)
+
+
 def check_not_source(out_folder, source: Path, action: str = "convert") -> None:
     """Refuse an output folder that is the source model's own folder."""
     out = Path(out_folder)
-    if source.is_dir() and out.exists() and out.resolve() == source.resolve():
+    if out.exists() and out.resolve() == source.resolve():
         raise OndeviceLoraError(
             f"cannot {action}: --out {out} holds the source model {source}; "
             "writing there would overwrite the weights being read. Choose another folder."
@@ -90,24 +114,31 @@ def convert(
     group_size: int = 64,
     dtype: str | None = None,
     force: bool = False,
+    gguf_type: str | None = None,
 ) -> Path:
-    """Quantise `model` (a folder, .gguf file or Hub id) to an mlx-lm folder; returns the folder.
+    """Quantise `model` (a folder, .gguf file or Hub id; None: the built-in model) to an mlx-lm
+    folder, or to one GGUF file when `out_folder` ends in .gguf; returns the output.
 
     bits: 4 or 8 (affine); group_size: 32, 64 or 128 values share one scale and bias; every
     Linear and Embedding whose input size divides by `group_size` is quantised, the rest kept.
     dtype: float16, bfloat16 or float32 for the scales, biases and unquantised weights
     (default: the source config's dtype, else float16). An already quantised source is
     de-quantised first, since its grid differs from the target's. force: allow a non-empty
-    `out_folder`, replacing the model files in it.
+    `out_folder`, replacing the model files in it. A GGUF file gets llama.cpp's block types
+    instead of MLX's groups: gguf_type f32, f16, bf16, q8_0, q4_0 or q4_1 (default: q8_0 for
+    8 bits, q4_1 for 4), encoded as llama.cpp encodes them.
     """
     check_convert_args(out_folder, bits, group_size, dtype, force)
-    source = resolve_model_path(model)
+    source = resolve_model_path(model if model is not None else _default_model())
     check_not_source(out_folder, source)
     net, tokenizer, config = load_source(source)
     dtype = dtype or source_dtype(config)
 
     dequantize_model(net)
     net.set_dtype(getattr(mx, dtype))
+    if is_gguf_file(out_folder):
+        gguf_type = gguf_type or {8: "q8_0", 4: "q4_1"}[bits]
+        return write_model(out_folder, net, tokenizer, config, source, force, gguf_type)
     nn.quantize(
         net,
         group_size=group_size,
@@ -143,6 +174,12 @@ def write_model_folder(
     tokenizer.save(out)
     write_json(out / "generation_config.json", _generation_config(source, tokenizer))
     return out
+
+
+def _default_model() -> Path:
+    from .defaults import default_model_path
+
+    return default_model_path()
 
 
 def load_source(path: Path):
@@ -253,6 +290,18 @@ def _generation_config(source: Path, tokenizer) -> dict:
     return config
 
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")  # gguf_model.TENSOR_TYPES
+
+
+def gguf_type_option(default: str):
+    return click.option(
+        "--gguf-type",
+        type=click.Choice(GGUF_TYPES),
+        default=None,
+        help=f"Tensor type of a .gguf --out's weight matrices [default: {default}].",
+    )
+
+
 @dataclass
 class FolderSummary:
     """What a converted folder costs: bytes on disk and stored bits per model weight."""
@@ -298,16 +347,35 @@ def _safetensors_header(path: Path) -> dict:
 
 
 @click.command("convert")
-@click.option("--model", "-m", required=True, help="Model folder, .gguf file or Hub id.")
-@click.option("--out", "-o", required=True, help="Output folder (new or empty).")
+@click.option(
+    "--model",
+    "-m",
+    default=None,
+    help="Model folder, .gguf file or Hub id. Default: the built-in SmolLM2-135M-Instruct.",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    help="Output folder (new or empty), or a .gguf file for llama.cpp, Ollama and LM Studio.",
+)
 @click.option("--bits", type=int, default=4, show_default=True, help="4 or 8.")
 @click.option("--group-size", type=int, default=64, show_default=True, help="32, 64 or 128.")
 @click.option("--dtype", default=None, help="float16, bfloat16 or float32 [default: source's].")
 @click.option("--force", is_flag=True, help="Replace the model files in a non-empty --out.")
+@gguf_type_option("q8_0 for --bits 8, q4_1 for --bits 4")
 @user_errors
-def convert_command(model, out, bits, group_size, dtype, force):
-    """Quantise a model to an mlx-lm folder (affine, 4 or 8 bits)."""
-    path = convert(model, out, bits=bits, group_size=group_size, dtype=dtype, force=force)
+def convert_command(model, out, bits, group_size, dtype, force, gguf_type):
+    """Quantise a model to an mlx-lm folder (affine, 4 or 8 bits) or a GGUF file."""
+    path = convert(
+        model, out, bits=bits, group_size=group_size, dtype=dtype, force=force, gguf_type=gguf_type
+    )
+    if is_gguf_file(path):
+        from converters.formats.gguf_model import bits_per_weight
+
+        size = path.stat().st_size / 2**20
+        click.echo(f"Wrote {path} (GGUF, {size:.1f} MiB, {bits_per_weight(path):.2f} bits/weight)")
+        return
     summary = summarize(path)
     files = sorted(p.name for p in path.iterdir() if p.is_file())
     click.echo(f"Wrote {path} ({bits}-bit, group size {group_size}): {format_list(files)}")

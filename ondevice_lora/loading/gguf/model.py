@@ -86,6 +86,9 @@ ARCHITECTURES = {
     "phi3": Architecture("phi3", "Phi3ForCausalLM", _PHI3_BLOCK),
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCK),
     "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCK, **_QK_NORMS}),
+    # llama.cpp's SmolLM3 is Llama with no rotation in every 4th layer, a step it hard-codes
+    # (no GGUF key); SmolLM3's ModelArgs default no_rope_layer_interval is the same 4.
+    "smollm3": Architecture("smollm3", "SmolLM3ForCausalLM", _LLAMA_BLOCK, permuted_qk=True),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
