@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-# float32 values of one (positions x vocabulary) slice of logits, at most: 32 MB. Smaller slices
+# float32 values of one (positions x vocabulary) slice of logits, at most: 16 MB. Smaller slices
 # cost more Python-built graph nodes per step; larger ones hold more memory at once.
-SLICE_VALUES = 8 * 1024 * 1024
+SLICE_VALUES = 4 * 1024 * 1024
 # Vocabulary rows de-quantised at once (a float32 block of VOCAB_BLOCK x hidden).
-VOCAB_BLOCK = 16384
+VOCAB_BLOCK = 8192
 
 
 @dataclass(frozen=True)
