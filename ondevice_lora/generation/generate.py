@@ -134,7 +134,10 @@ def generate_tokens(
                 for layer_cache in cache:
                     layer_cache.trim(0)
                 inputs = mx.concatenate(fed, axis=1)
-        logits = model(inputs, cache=cache)[:, -1, :]  # (1, vocab): only the last position
+        hidden = model.model(inputs, cache)  # (1, L, hidden)
+        # The head at the sampled position only: a 262k-vocabulary head over a whole prompt
+        # would cost the prompt's length in (vocab x hidden) products and (L, vocab) logits.
+        logits = model.output_logits(hidden[:, -1, :])  # (1, vocab)
         step_key = None
         if key is not None:
             key, step_key = mx.random.split(key)

@@ -157,9 +157,13 @@ class Model(llama.Model):
     layer_class = DecoderLayer
     stack_class = DecoderStack
 
+    @property
+    def logit_softcap(self) -> float | None:
+        return self.args.final_logit_softcapping
+
     def output_logits(self, h: mx.array) -> mx.array:
         logits = super().output_logits(h)
-        cap = self.args.final_logit_softcapping
+        cap = self.logit_softcap
         if cap is None:
             return logits
         return mx.tanh(logits / cap) * cap

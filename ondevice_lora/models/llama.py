@@ -254,12 +254,21 @@ class Model(nn.Module):
         h = self.model(inputs, cache, attention_mask, position_ids, segment_ids)
         return self.output_logits(h)
 
+    # Gemma's final_logit_softcapping: logits = cap * tanh(z / cap); None: none.
+    logit_softcap: float | None = None
+
     def output_logits(self, h: mx.array) -> mx.array:
         """The output head alone: hidden states (..., hidden_size) -> logits (..., vocab_size).
-        Training calls it on the trained positions only (see training.step)."""
+        Generation calls it on the last position only; training's loss reads the head's
+        weight through output_layer instead (training.chunked_loss)."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
+
+    def output_layer(self) -> nn.Module:
+        """The layer whose (vocab_size, hidden_size) weight is the output head: the embedding
+        when tied, else lm_head. output_logits is this layer's map, then logit_softcap."""
+        return self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
 
     @property
     def layers(self):

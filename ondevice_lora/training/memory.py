@@ -12,9 +12,12 @@ The estimate adds up what is alive at the peak of a step, which is in the backwa
 - activations: what the forward pass keeps for the backward pass in every decoder layer, plus
   the temporaries of the layer being differentiated. With gradient checkpointing only each
   layer's input is kept, and one layer at a time is recomputed;
-- logits: the loss's (batch, length, vocab) float32 tensors (logits, softmax, its gradient),
-  often the largest single item with a large vocabulary; only the trained positions' when the
-  loss projects those alone (training.trained_positions, on CPU).
+- loss: the output head and the cross-entropy, computed a block of the vocabulary and of the
+  positions at a time (training.chunked_loss): a few float32 blocks of the head, a few
+  (positions x block) slices of logits, and per position a few hidden-sized float32 vectors
+  (its hidden state, its target's row of the head, its gradient); over the trained positions
+  only when the loss projects those alone (training.trained_positions, on CPU). No
+  (tokens x vocab) tensor exists, so a 262k vocabulary costs what a 32k one does.
 
 The per-token counts below were measured with MLX's own allocator statistics
 (mx.get_peak_memory) on MLX 0.32's CPU backend for Llama-style models; tests/test_memory.py
@@ -35,6 +38,7 @@ from ..adapters.files import LoraConfig, base_parameters, expected_adapter_shape
 from ..adapters.layers import ADAPTER_DTYPE
 from ..data.batching import BatchIterator
 from ..data.packing import PackedBatchIterator
+from . import chunked_loss
 
 GB = 1e9
 # Optimiser state per adapter value, in adapter-sized tensors.
@@ -55,8 +59,14 @@ BACKWARD_ONCE = {"hidden": 5.6, "intermediate": 8.8}
 # pass holds its activations and its temporaries at once:
 CHECKPOINT_PER_LAYER = {"hidden": 1.0}
 CHECKPOINT_ONCE = {"hidden": 14.5, "intermediate": 12.2, "scores": 0.55}
-# The loss: float32 logits, their softmax and its gradient, per token and vocabulary entry.
-LOGITS_PER_VOCAB = 4.0
+# The chunked loss at its peak (in its backward pass), in float32 values: head blocks of
+# (vocab_block x hidden) alive at once (compiled, MLX overlaps the de-quantisation of the next
+# blocks with the products of the current one: 6 measured on a 262k x 640 head), logit slices
+# of (position_chunk x vocab_block) (compiled, the exp and the products fuse into about one),
+# and hidden-sized vectors per position. Measured with mx.get_peak_memory on MLX 0.32 (CPU).
+LOSS_HEAD_BLOCKS = 6.0
+LOSS_SLICES = 1.0
+LOSS_PER_POSITION = 4.0
 # An adapted layer keeps x @ A.T (rank values per token); with dropout also the dropped-out
 # input and its mask, about this many values per input feature (measured).
 DROPOUT_PER_INPUT = 1.4
@@ -96,7 +106,7 @@ class MemoryEstimate:
             ("optimizer state", self.optimizer),
             ("gradients", self.gradients),
             ("activations" + (" (checkpointed)" if self.grad_checkpoint else ""), self.activations),
-            ("logits and loss", self.logits),
+            ("loss (chunked head, cross-entropy)", self.logits),
         ]
 
     def table(self) -> str:
@@ -169,7 +179,7 @@ def estimate_memory(
         activations += 2 * batch_size * length * length * size
     if logit_positions is not None:
         tokens = min(tokens, logit_positions)
-    logits = int(tokens * LOGITS_PER_VOCAB * args.vocab_size * 4)
+    logits = loss_memory(args.vocab_size, args.hidden_size, tokens)
     return MemoryEstimate(
         weights=weights,
         adapter=adapter,
@@ -181,6 +191,20 @@ def estimate_memory(
         max_length=max_length,
         grad_checkpoint=grad_checkpoint,
     )
+
+
+def loss_memory(vocab_size: int, hidden_size: int, positions: int) -> int:
+    """Bytes the chunked head and cross-entropy hold at once for `positions` positions."""
+    block = min(chunked_loss.VOCAB_BLOCK, vocab_size)
+    chunk = min(positions, max(1, chunked_loss.SLICE_VALUES // block))
+    # No more blocks than the two passes (forward, backward) de-quantise in all.
+    blocks = min(LOSS_HEAD_BLOCKS, 2 * -(-vocab_size // block))
+    values = (
+        blocks * block * hidden_size
+        + LOSS_SLICES * chunk * block
+        + LOSS_PER_POSITION * positions * hidden_size
+    )
+    return int(values * 4)
 
 
 def _adapter_values(shapes: dict, config: LoraConfig, widths: dict, layers: int) -> float:

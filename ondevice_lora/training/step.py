@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from .chunked_loss import head_cross_entropy
 from .distributed import all_sum
 from .trained_positions import cross_entropy_at, positions_for
 
@@ -34,18 +35,18 @@ def masked_cross_entropy(
     loss_mask: (B, W), 1 where targets[b, t] is trained. position_ids, segment_ids: (B, W),
     given for packed batches (data.PackedBatch). loss_positions: the trained positions
     (trained_positions.trained_positions); with them only those get logits: the same loss
-    with less work. Returns (loss, trained tokens).
+    with less work. Logits are never held whole: see chunked_loss. Returns (loss, trained
+    tokens).
     """
     if loss_positions is not None:
         return cross_entropy_at(
             model, inputs, targets, loss_mask, loss_positions, position_ids, segment_ids
         )
-    if segment_ids is None and position_ids is None:
-        logits = model(inputs)  # (B, W, vocab)
-    else:
-        logits = model(inputs, position_ids=position_ids, segment_ids=segment_ids)
-    # float32: low-precision logits would round the log-softmax of a large vocabulary.
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+    B, W = inputs.shape
+    hidden = model.model(inputs, None, None, position_ids, segment_ids)  # (B, W, hidden)
+    # The head and the loss go block by block: no (B, W, vocab) logits (chunked_loss.py).
+    ce = head_cross_entropy(model, hidden.reshape(B * W, -1), targets.reshape(-1))
+    ce = ce.reshape(B, W)
     mask = loss_mask.astype(mx.float32)
     ntoks = mask.sum()
     return (ce * mask).sum() / mx.maximum(ntoks, 1.0), ntoks

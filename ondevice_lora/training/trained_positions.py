@@ -14,8 +14,9 @@ from __future__ import annotations
 import inspect
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+
+from .chunked_loss import head_cross_entropy
 
 # The number of positions is rounded up to a multiple of 1/SIZES_PER_SHAPE of the batch, so a
 # batch shape gives at most this many distinct sizes: each new one makes the compiled step
@@ -71,11 +72,7 @@ def cross_entropy_at(
     # Padding entries (== B * W) read the last position and are weighted 0 below.
     index = mx.minimum(positions, B * W - 1)  # (K,)
     picked = hidden.reshape(B * W, -1)[index]  # (K, hidden)
-    logits = model.output_logits(picked)  # (K, vocab)
-    # float32: low-precision logits would round the log-softmax of a large vocabulary.
-    ce = nn.losses.cross_entropy(
-        logits.astype(mx.float32), targets.reshape(-1)[index], reduction="none"
-    )
+    ce = head_cross_entropy(model, picked, targets.reshape(-1)[index])  # (K,)
     mask = loss_mask.astype(mx.float32)
     weight = mx.where(positions < B * W, mask.reshape(-1)[index], 0.0)
     ntoks = mask.sum()

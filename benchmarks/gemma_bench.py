@@ -1,0 +1,161 @@
+"""Training memory and speed at a 262k vocabulary: Gemma 3 270M's real weights, LoRA rank 8 on
+all linear layers, batch 4 x 512 tokens, with and without gradient checkpointing; and the time
+and peak of a 300-token prefill with the head at every position (before) and at the sampled
+position only (now).
+
+    python benchmarks/gemma_bench.py                  # ~15-30 min on 2 shared cores
+    python benchmarks/gemma_bench.py --steps 3 --work /tmp/gemma
+
+Each measurement runs in a process of its own (a clean MLX peak), with the fast BLAS preloaded
+as the command line does. The model: benchmarks/gemma_model.py (which loader made it is
+printed). Training data: bench_setup.make_chats over Gemma's vocabulary (about half of each chat
+trained), packed into 4 rows of 511 positions. Reported per row: MLX's peak (mx.get_peak_memory,
+weights included), the estimate the trainer printed (training/memory.py), their ratio, and
+trained tokens per second of the steps after the first (the first compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import bench_setup as setup  # noqa: E402
+from gemma_model import gemma_folder  # noqa: E402
+
+PROMPT_TOKENS = 300
+
+
+def train_child(spec: dict) -> dict:
+    import mlx.core as mx
+
+    from ondevice_lora.loading import load_model
+    from ondevice_lora.training import TrainConfig, TrainingCallback, train
+
+    model, _ = load_model(spec["model"])
+    vocab = model.args.vocab_size
+    tokenizer = setup.make_tokenizer(vocab)
+    chats = setup.make_chats(64, vocab, 512, seed=0)
+    config = TrainConfig(
+        adapter_path=str(Path(spec["work"]) / f"adapter-{spec['grad_checkpoint']}"),
+        rank=8, alpha=16, dropout=0.0, target_modules="all-linear", max_length=512,
+        batch_size=4, batching="packed", grad_checkpoint=spec["grad_checkpoint"],
+        optimizer="adam", learning_rate=1e-4, lr_schedule="constant", iters=spec["steps"],
+        eval_every=0, save_every=0, keep_best=False, seed=0,
+    )  # fmt: skip
+    records, began = [], {}
+
+    class Keep(TrainingCallback):
+        def on_train_begin(self, info):
+            began.update(info)
+
+        def on_step_end(self, record):
+            records.append(record)
+            print(f"step {record['step']}: {record['tokens_per_second']:.1f} trained tok/s, "
+                  f"peak {record['peak_memory_gb']:.3f} GB", flush=True)  # fmt: skip
+
+    result = train(model, tokenizer, chats, None, config, [Keep()], show_progress=False)
+    later = records[1:] or records  # the first step compiles
+    tokens = sum(r["tokens"] for r in later)
+    seconds = sum(r["tokens"] / r["tokens_per_second"] for r in later)
+    return {
+        "grad_checkpoint": spec["grad_checkpoint"],
+        "steps": len(records),
+        "peak_gb": result.peak_memory_gb,
+        "estimate_gb": result.estimated_memory_gb,
+        "estimate_table": began["memory_estimate"].table(),
+        "trained_tok_per_s": tokens / seconds,
+        "trained_tokens_per_step": tokens / len(later),
+        "seconds_per_step": seconds / len(later),
+        "mlx_active_after_gb": mx.get_active_memory() / 1e9,
+    }
+
+
+def prefill_child(spec: dict) -> dict:
+    """One prefill of a PROMPT_TOKENS prompt into a fresh cache; the head over every position
+    ("before", as generation did) or at the last position only ("now", generate_tokens)."""
+    import mlx.core as mx
+
+    from ondevice_lora.generation.generate import SamplingConfig, generate_tokens
+    from ondevice_lora.loading import load_model
+    from ondevice_lora.models.base import make_cache
+
+    model, _ = load_model(spec["model"])
+    prompt = setup.make_chats(1, model.args.vocab_size, 2 * PROMPT_TOKENS, seed=1)[0]
+    ids = (prompt["input_ids"] * 4)[:PROMPT_TOKENS]
+    mx.eval(model.parameters())
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    if spec["mode"] == "before":
+        logits = model(mx.array(ids)[None], cache=make_cache(model))[:, -1, :]
+        token = int(mx.argmax(logits, axis=-1).item())
+    else:
+        token = next(generate_tokens(model, ids, SamplingConfig(max_tokens=1, stop_at_eos=False)))
+    seconds = time.perf_counter() - start
+    return {"mode": spec["mode"], "seconds": seconds, "peak_gb": mx.get_peak_memory() / 1e9,
+            "first_token": token}  # fmt: skip
+
+
+def run_child(kind: str, spec: dict, timeout: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    out = Path(f.name).with_suffix(".out.json")
+    command = [sys.executable, __file__, "--child", kind, f.name, str(out)]
+    try:
+        subprocess.run(command, check=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"did not finish in {timeout} s"}
+    except subprocess.CalledProcessError as error:
+        return {**spec, "error": f"failed ({error.returncode})"}
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gemma-bench")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
+    parser.add_argument("--only", choices=["train", "prefill"], help="one half only")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "gemma_bench.json")
+    args = parser.parse_args()
+    if args.child:
+        from ondevice_lora.backend.fast_blas import reexec_with_fast_blas
+
+        reexec_with_fast_blas()
+        kind, spec_path, out_path = args.child
+        spec = json.loads(Path(spec_path).read_text())
+        result = (train_child if kind == "train" else prefill_child)(spec)
+        Path(out_path).write_text(json.dumps(result))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    model, made_by = gemma_folder(args.work)
+    print(f"model: {model} ({made_by})", flush=True)
+    report = {"model_made_by": made_by, "train": [], "prefill": []}
+    if args.only != "prefill":
+        for checkpoint in (True, False):
+            spec = {"model": str(model), "work": str(args.work), "steps": args.steps,
+                    "grad_checkpoint": checkpoint}  # fmt: skip
+            row = run_child("train", spec, args.timeout)
+            print(json.dumps(row, indent=1), flush=True)
+            report["train"].append(row)
+    if args.only != "train":
+        for mode in ("before", "now"):
+            row = run_child("prefill", {"model": str(model), "mode": mode}, args.timeout)
+            print(json.dumps(row), flush=True)
+            report["prefill"].append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
