@@ -243,3 +243,26 @@ def test_killed_and_resumed_dpo_equals_an_uninterrupted_run(model_folder, tmp_pa
     ref_steps = [r for r in read_metrics(reference / "metrics.jsonl") if "loss" in r]
     for x, y in zip(ref_steps, steps):
         assert x["accuracy"] == y["accuracy"] and x["margin"] == pytest.approx(y["margin"], abs=1e-6)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_same_dpo_adapter_as_one_process(model_folder, tmp_path):
+    """Rows are sharded by whole pairs (chosen and rejected interleaved), and the pair counts
+    and gradients are summed over the ranks: the same adapter as one process."""
+    import sys
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(12))
+    base = [sys.executable, "-m", "ondevice_lora.launch", "train"]
+    extra = ["--method", "dpo", "--iters", "6", "--eval-every", "0", "--save-every", "0"]
+    single, split = tmp_path / "single", tmp_path / "split"
+    run([*base, *train_args(model_folder, data, single), *extra])
+    run([*base, *train_args(model_folder, data, split), *extra, "--workers", "2"])
+    difference = max_abs_diff(
+        mx.load(str(single / "adapters.safetensors")), mx.load(str(split / "adapters.safetensors"))
+    )
+    assert difference <= 1e-5
+    ones = [r for r in read_metrics(single / "metrics.jsonl") if "loss" in r]
+    twos = [r for r in read_metrics(split / "metrics.jsonl") if "loss" in r]
+    assert len(twos) == 6
+    for a, b in zip(ones, twos):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["accuracy"] == b["accuracy"]
