@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gguf
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -203,6 +204,22 @@ def test_convert_to_gguf_quantises_as_llama_cpp(tmp_path):
     np.testing.assert_allclose(
         logits(load_gguf(path)[0]), transformers_logits(path, head_dim=16), atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.parametrize("tensor_type", ["q4_0", "q4_1", "q8_0"])
+def test_gguf_blocks_read_as_mlx_layers_are_written_back_byte_for_byte(tmp_path, tensor_type):
+    base = tmp_path / "base"
+    write_hf_model(base, "llama")  # Q/K rows permuted on the way out and back
+    source = convert(base, tmp_path / "source.gguf", gguf_type=tensor_type)
+    net, tokenizer, _ = load_gguf(source)
+    assert isinstance(net.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    again = write_gguf_model(tmp_path / "again.gguf", net, tokenizer)
+    theirs = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    ours = gguf.GGUFReader(again).tensors
+    assert {t.name for t in ours} == set(theirs)
+    for t in ours:
+        assert t.tensor_type == theirs[t.name].tensor_type, t.name
+        np.testing.assert_array_equal(t.data, theirs[t.name].data, err_msg=t.name)
 
 
 def test_settings_llama_cpp_hard_codes_are_refused(tmp_path):
