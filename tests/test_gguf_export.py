@@ -182,6 +182,9 @@ def test_cli_fuse_writes_one_gguf_file(tmp_path):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "exists" in again.output and "--force" in again.output
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+    folder_args = [*args[:-1], str(tmp_path / "folder"), "--gguf-type", "q8_0"]
+    result = CliRunner().invoke(main, folder_args)
+    assert result.exit_code == 1 and "--gguf-type applies to a .gguf --out" in result.output
     (tmp_path / "folder.gguf").mkdir()
     args[-1] = str(tmp_path / "folder.gguf")
     result = CliRunner().invoke(main, args)
