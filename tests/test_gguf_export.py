@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gguf
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -15,15 +16,18 @@ from mlx.utils import tree_flatten
 
 from converters.formats import AdapterFormatError, export_gguf_lora, import_gguf_lora
 from converters.formats.gguf_model import GGUFExportError, write_gguf_model
+from converters.formats.gguf_vocab import add_tokenizer
 from ondevice_lora.adapters.files import ADAPTER_WEIGHTS_FILE, LoraConfig, read_adapter_config
 from ondevice_lora.adapters.fuse import fuse
 from ondevice_lora.cli import main
 from ondevice_lora.loading import load, load_gguf
 from ondevice_lora.loading.convert import convert
+from ondevice_lora.loading.gguf.reader import GGUFFile
+from ondevice_lora.loading.gguf.tokenizer import gguf_tokenizer
 from ondevice_lora.loading.weights import read_safetensors
 from tests.adapter_fixtures import write_adapter
 from tests.hf_fixtures import COMMON, VARIANTS, VOCAB_SIZE, write_hf_model
-from tests.real_models import smollm2_path
+from tests.real_models import gemma3_270m_path, smollm2_path
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -178,6 +182,9 @@ def test_cli_fuse_writes_one_gguf_file(tmp_path):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "exists" in again.output and "--force" in again.output
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+    folder_args = [*args[:-1], str(tmp_path / "folder"), "--gguf-type", "q8_0"]
+    result = CliRunner().invoke(main, folder_args)
+    assert result.exit_code == 1 and "--gguf-type applies to a .gguf --out" in result.output
     (tmp_path / "folder.gguf").mkdir()
     args[-1] = str(tmp_path / "folder.gguf")
     result = CliRunner().invoke(main, args)
@@ -200,6 +207,22 @@ def test_convert_to_gguf_quantises_as_llama_cpp(tmp_path):
     np.testing.assert_allclose(
         logits(load_gguf(path)[0]), transformers_logits(path, head_dim=16), atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.parametrize("tensor_type", ["q4_0", "q4_1", "q8_0"])
+def test_gguf_blocks_read_as_mlx_layers_are_written_back_byte_for_byte(tmp_path, tensor_type):
+    base = tmp_path / "base"
+    write_hf_model(base, "llama")  # Q/K rows permuted on the way out and back
+    source = convert(base, tmp_path / "source.gguf", gguf_type=tensor_type)
+    net, tokenizer, _ = load_gguf(source)
+    assert isinstance(net.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    again = write_gguf_model(tmp_path / "again.gguf", net, tokenizer)
+    theirs = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    ours = gguf.GGUFReader(again).tensors
+    assert {t.name for t in ours} == set(theirs)
+    for t in ours:
+        assert t.tensor_type == theirs[t.name].tensor_type, t.name
+        np.testing.assert_array_equal(t.data, theirs[t.name].data, err_msg=t.name)
 
 
 def test_settings_llama_cpp_hard_codes_are_refused(tmp_path):
@@ -352,14 +375,14 @@ def test_smollm2_fused_gguf_keeps_its_codes(tmp_path):
 @pytest.mark.slow
 def test_fuse_and_convert_default_to_the_built_in_model(tmp_path):
     smollm2_path()  # skips when it is not installed
-    out = tmp_path / "smollm2-q8.gguf"
-    result = CliRunner().invoke(main, ["convert", "--out", str(out), "--bits", "8"])
+    out = tmp_path / "smollm2.gguf"
+    result = CliRunner().invoke(main, ["convert", "--out", str(out), "--gguf-type", "f16"])
     assert result.exit_code == 0, result.output
     reader = gguf.GGUFReader(out)
     assert field(reader, "general.architecture") == "llama"
     assert field(reader, "tokenizer.ggml.pre") == "smollm"
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
-    assert reader.get_tensor(0).tensor_type in (Q.Q8_0, Q.F32)
+    assert {t.tensor_type for t in reader.tensors} == {Q.F16, Q.F32}
     # An adapter for another base is refused by the built-in one: fuse loaded it.
     write_hf_model(tmp_path / "tiny", "llama")
     adapter = write_adapter(tmp_path / "tiny", tmp_path / "adapter", ADAPTER)
@@ -369,3 +392,28 @@ def test_fuse_and_convert_default_to_the_built_in_model(tmp_path):
         result.output
     )
     assert not (tmp_path / "f.gguf").exists()
+
+
+@pytest.mark.slow
+def test_sentencepiece_vocabulary_round_trips(tmp_path):
+    """Gemma 3's SentencePiece vocabulary (llama.cpp's "llama" kind), written from the tokenizer
+    rebuilt out of its GGUF, gives the same tokens, types and token ids."""
+    source = gemma3_270m_path()
+    metadata = GGUFFile(source).metadata
+    tokenizer = gguf_tokenizer(metadata, source)
+    writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", "gemma3")
+    add_tokenizer(writer, tokenizer, len(metadata["tokenizer.ggml.tokens"]), source)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    written = GGUFFile(tmp_path / "vocab.gguf").metadata
+    for key in ("model", "tokens", "token_type", "add_space_prefix", "bos_token_id"):
+        assert written[f"tokenizer.ggml.{key}"] == metadata[f"tokenizer.ggml.{key}"], key
+    again = gguf_tokenizer(written, tmp_path / "vocab.gguf")
+    for text in [
+        "Hello world! What's the capital of France?  Ünïcödé 漢字 🙂",
+        "<start_of_turn>user\nhi<end_of_turn>\n",
+        " leading space, 1234567 numbers\n\ttabs",
+    ]:
+        assert again.encode(text) == tokenizer.encode(text), text

@@ -31,6 +31,7 @@ from .gguf_names import (
     PERMUTED,
     gguf_architecture,
     gguf_tensor_name,
+    require_gguf,
     tensor_name_map,
     unpermute_rows,
 )
@@ -44,7 +45,7 @@ def _field(reader, key):
 
 
 def _read_gguf(path: Path):
-    import gguf
+    gguf = require_gguf()
 
     if not path.is_file():
         raise AdapterFormatError(f"{path}: no such file (a GGUF LoRA adapter is one .gguf file).")

@@ -38,6 +38,7 @@ from .gguf_names import (
     gguf_architecture,
     gguf_tensor_name,
     permute_rows,
+    require_gguf,
     tensor_name_map,
 )
 from .gguf_vocab import add_tokenizer
@@ -67,7 +68,7 @@ def write_gguf_model(
     layer as it is: layers on a GGML grid as Q4_0/Q4_1/Q8_0, other quantised layers
     de-quantised to F16, float layers in their own dtype. The file is built beside `out` and renamed into place.
     """
-    import gguf
+    gguf = require_gguf()
 
     if tensor_type is not None and tensor_type not in TENSOR_TYPES:
         raise GGUFExportError(

@@ -46,6 +46,18 @@ PERMUTED = {
 }
 
 
+def require_gguf():
+    """The gguf package, or a clear error saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise AdapterFormatError(
+            "GGUF files are written and read with the gguf package: "
+            "pip install 'ondevice-lora[gguf]' (or pip install gguf)."
+        ) from None
+    return gguf
+
+
 def gguf_architecture(model_type: str | None, source) -> GGUFArchitecture:
     if model_type not in ARCHITECTURES:
         raise AdapterFormatError(
@@ -57,7 +69,7 @@ def gguf_architecture(model_type: str | None, source) -> GGUFArchitecture:
 
 def tensor_name_map(architecture: GGUFArchitecture, blocks: int):
     """gguf's Hugging Face -> GGUF tensor-name table for `architecture` with `blocks` layers."""
-    import gguf
+    gguf = require_gguf()
 
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture.name)
     return gguf.get_tensor_name_map(arch, blocks)

@@ -5,9 +5,10 @@ Two kinds, as llama.cpp names them:
   - "gpt2": byte-level BPE (GPT-2, SmolLM, Qwen, Llama 3): tokens, merges and the pre-tokenizer's
     name (`tokenizer.ggml.pre`), recognised by comparing the tokenizer's pre-tokenizer with the
     ones the reader rebuilds;
-  - "llama": SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Gemma): tokens, scores
-    (llama.cpp merges the pair whose result scores highest, so a token made by merge number k
-    scores -k) and, for readers that use them, the merges themselves.
+  - "llama": SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Gemma): tokens and
+    scores (llama.cpp merges the pair whose result scores highest, so a token made by merge
+    number k scores -k), no merges (a SentencePiece piece may hold a space, which the merges'
+    "left right" strings cannot).
 Token types are llama.cpp's (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)
 and are written as an INT32 array, the type llama.cpp requires.
 """
@@ -107,18 +108,23 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, source) -> None:
             return BYTE
         return NORMAL
 
-    merges = _merge_strings(model.get("merges") or [])
     writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types([token_type(i, t) for i, t in enumerate(tokens)])
     if sentencepiece:
+        # Scores only, as llama.cpp's converter writes them: a merged token scores minus the
+        # rank of the first merge that makes it; tokens no merge makes score below them all.
         writer.add_tokenizer_pre("default")
-        rank = {m.replace(" ", ""): k for k, m in reversed(list(enumerate(merges)))}
-        writer.add_token_scores([-float(rank.get(t, 0)) for t in tokens])
+        pairs = model.get("merges") or []
+        rank = {}
+        for k, pair in enumerate(pairs):
+            left, right = pair.split(" ", 1) if isinstance(pair, str) else pair
+            rank.setdefault(left + right, k)
+        writer.add_token_scores([-float(rank.get(t, len(pairs))) for t in tokens])
         writer.add_add_space_prefix(_adds_space_prefix(data))
     else:
         writer.add_tokenizer_pre(pre_tokenizer_name(data.get("pre_tokenizer"), source))
-    writer.add_token_merges(merges)
+        writer.add_token_merges(_merge_strings(model.get("merges") or []))
 
     for key, add in (
         ("bos_token", writer.add_bos_token_id),

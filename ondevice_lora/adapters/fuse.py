@@ -28,6 +28,7 @@ from ..errors import OndeviceLoraError, user_errors
 from ..loading import resolve_model_path
 from ..loading.convert import (
     DTYPES,
+    check_gguf_type,
     check_not_source,
     check_out_folder,
     dequantize_model,
@@ -110,7 +111,7 @@ def fuse(
     """
     adapter_paths = list(adapter_paths)
     weights = [1.0] * len(adapter_paths) if weights is None else list(weights)
-    problems = check_out_folder(out_folder, force)
+    problems = check_out_folder(out_folder, force) + check_gguf_type(out_folder, gguf_type)
     if not adapter_paths:
         problems.append("nothing to fuse: pass at least one adapter folder (--adapter)")
     if len(weights) != len(adapter_paths):

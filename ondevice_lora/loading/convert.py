@@ -27,6 +27,8 @@ from .weights import INDEX_FILE, read_json, save_weights, write_json
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = ("float16", "bfloat16", "float32")
+# Tensor types of a .gguf output (converters/formats/gguf_model.py writes them).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 
 # Files of a model folder that --force replaces: a stale shard, index or chat_template.jinja left
 # beside the new files would be read instead of (or as well as) them.
@@ -85,6 +87,17 @@ def is_gguf_file(path) -> bool:
     return str(path).lower().endswith(".gguf")
 
 
+def check_gguf_type(out, gguf_type: str | None) -> list[str]:
+    """The problems with asking for a GGUF tensor type ([] if none)."""
+    if gguf_type is None:
+        return []
+    if gguf_type not in GGUF_TYPES:
+        return [f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}"]
+    if not is_gguf_file(out):
+        return [f"--gguf-type applies to a .gguf --out, not to the folder {out}"]
+    return []
+
+
 def write_model(
     out, net: nn.Module, tokenizer, config: dict, source: Path, force: bool, gguf_type=None
 ) -> Path:
@@ -129,6 +142,9 @@ def convert(
     8 bits, q4_1 for 4), encoded as llama.cpp encodes them.
     """
     check_convert_args(out_folder, bits, group_size, dtype, force)
+    problems = check_gguf_type(out_folder, gguf_type)
+    if problems:
+        raise OndeviceLoraError("cannot convert:\n  " + "\n  ".join(problems))
     source = resolve_model_path(model if model is not None else _default_model())
     check_not_source(out_folder, source)
     net, tokenizer, config = load_source(source)
@@ -288,9 +304,6 @@ def _generation_config(source: Path, tokenizer) -> dict:
     if tokenizer.bos_token_id is not None:
         config.setdefault("bos_token_id", tokenizer.bos_token_id)
     return config
-
-
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")  # gguf_model.TENSOR_TYPES
 
 
 def gguf_type_option(default: str):
