@@ -52,8 +52,8 @@ def require_gguf():
         import gguf
     except ImportError:
         raise AdapterFormatError(
-            "GGUF files are written and read with the gguf package: "
-            "pip install 'ondevice-lora[gguf]' (or pip install gguf)."
+            "GGUF files are written and read with the gguf package, a dependency of "
+            "ondevice-lora that is missing here: pip install gguf."
         ) from None
     return gguf
 
