@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 import transformers
 from gguf.quants import dequantize, quantize
+from mlx.utils import tree_flatten
 
+from ondevice_lora.adapters.files import LoraConfig, apply_adapters
+from ondevice_lora.adapters.layers import adapter_modules, fuse_adapters
 from ondevice_lora.errors import ModelLoadError
 from ondevice_lora.loading import load_gguf
 from ondevice_lora.loading.gguf.reader import (
@@ -212,3 +215,30 @@ def test_a_q4_k_m_file_is_never_told_to_use_q4_k_m(tmp_path):
     message = str(error.value)
     assert "preset Q4_K_M" in message
     assert "Q4_K_M" not in message.split("whose types all load")[1]
+
+
+def test_5_bit_layers_take_adapters_train_and_fuse_back_to_5_bits(tmp_path, tokenizer_folder):
+    """Gemma 3 270M trains on its Q5_0 layers: LoRA wraps a 5-bit QuantizedLinear, gradients
+    reach the adapter, and fusing re-quantises to 5 bits with the adapter's effect kept."""
+    path = tmp_path / "model.gguf"
+    write_gguf(path, make_hf_model("llama"), tokenizer_folder, Q.Q5_0)
+    model, _, _ = load_gguf(path)
+    ids = mx.array(np.random.default_rng(0).integers(0, VOCAB_SIZE, size=(2, 12)), mx.int32)
+    base = np.array(model(ids))
+    apply_adapters(model, LoraConfig(rank=4, alpha=8.0, target_modules="all-linear"))
+    wrapped = adapter_modules(model)
+    assert wrapped and all(m.base.bits == 5 for m in wrapped.values())
+    for i, module in enumerate(wrapped.values()):
+        module.lora_b = mx.array(np.random.default_rng(i).normal(0, 0.05, module.lora_b.shape))
+    adapted = np.array(model(ids))
+    loss_and_grad = nn.value_and_grad(model, lambda m: m(ids).astype(mx.float32).square().mean())
+    _, grads = loss_and_grad(model)
+    flat = dict(tree_flatten(grads))
+    lora = [g for name, g in flat.items() if name.endswith(("lora_a", "lora_b"))]
+    assert lora and all(np.isfinite(np.array(g)).all() for g in lora)
+    assert any(float(mx.abs(g).max()) > 0 for g in lora)
+    fuse_adapters(model)
+    fused = np.array(model(ids))
+    assert model.layers[0].mlp.up_proj.bits == 5
+    effect = np.abs(adapted - base).max()
+    assert effect > 1e-2 and np.abs(fused - adapted).max() < 0.5 * effect
