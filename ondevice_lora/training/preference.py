@@ -72,9 +72,12 @@ class PairBatch(NamedTuple):
 
 class PairBatchIterator(BatchIterator):
     """BatchIterator over pairs (data.preference examples): the same seeded, resumable order,
-    each pair as long as its longer side."""
+    each pair as long as its longer side; in training (shuffle) full batches only."""
 
     def __init__(self, examples, batch_size: int, max_length: int, **kwargs):
+        # Training takes full batches only: distributed ranks shard a batch by whole pairs
+        # (batch_size divides by the ranks), which a last, smaller batch would not allow.
+        kwargs.setdefault("drop_last", kwargs.get("shuffle", True))
         super().__init__(examples, batch_size, max_length, **kwargs)
         rejected = np.array([len(x[REJECTED_KEYS[0]]) for x in examples])
         self.lengths = np.maximum(self.lengths, rejected)
