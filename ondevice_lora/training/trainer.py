@@ -379,13 +379,15 @@ def _start(out: Path, config: TrainConfig, model, optimizer, identity: dict):
                 f"resumed with it. Use the original {what}, or start a new run in another "
                 "adapter_path."
             )
+    # A setting newer than the checkpoint (say `method`) had its default when it was written.
+    saved = {**_comparable(TrainConfig(data=config.data)), **state.config}
     changed = sorted(
         k
         for k, v in _comparable(config).items()
-        if k not in RESUMABLE_CHANGES and not _same_setting(k, state.config.get(k), v)
+        if k not in RESUMABLE_CHANGES and not _same_setting(k, saved.get(k), v)
     )
     if changed:
-        details = ", ".join(f"{k}: {state.config.get(k)!r} -> {getattr(config, k)!r}" for k in changed)  # fmt: skip
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
         raise CheckpointError(
             f"{found}: cannot resume with changed settings ({details}); use the settings of "
             "the interrupted run, or start a new run in another adapter_path."
