@@ -23,8 +23,7 @@ from ondevice_lora.adapters.files import LoraConfig  # noqa: E402
 from ondevice_lora.adapters.fingerprint import base_fingerprint  # noqa: E402
 from ondevice_lora.loading import load  # noqa: E402
 from tests.adapter_fixtures import write_adapter  # noqa: E402
-from tests.real_model_sources import gemma3_cached_folder, gemma3_model  # noqa: E402
-from tests.real_models import smollm2_path  # noqa: E402
+from tests.real_models import gemma3_270m_path, smollm2_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +40,7 @@ def prompt_and_steps(tokenizer) -> tuple[list[int], int]:
 @pytest.fixture(scope="module")
 def gemma():
     """Gemma 3 270M in float32, its base fingerprint, then quantised to int4 as the CLI does."""
-    model, tokenizer = gemma3_model()
+    model, tokenizer = load(str(gemma3_270m_path()))
     fingerprint = base_fingerprint(model, tokenizer)
     quantize_for_int4(model)
     return model, tokenizer, fingerprint
@@ -79,7 +78,7 @@ def test_gemma_int4_merged_export_passes_on_fp16_arithmetic(gemma, tmp_path):
 def test_gemma_int4_multifunction_export_passes_on_fp16_arithmetic(gemma, tmp_path):
     model, tokenizer, fingerprint = gemma
     config = LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-    adapter = write_adapter(gemma3_cached_folder(), tmp_path / "tone", config, 0.02)
+    adapter = write_adapter(str(gemma3_270m_path()), tmp_path / "tone", config, 0.02)
     ids, steps = prompt_and_steps(tokenizer)
     result = export_multifunction(
         model,
