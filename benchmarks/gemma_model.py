@@ -50,7 +50,10 @@ def gemma_folder(work: Path) -> tuple[Path, str]:
             "then `ondevice-lora convert` to 4-bit"
         )
     command = [sys.executable, "-m", "ondevice_lora.cli", "convert", "-m", source, "-o", str(out)]
-    subprocess.run(command + ["--bits", "4", "--group-size", "64", "--force"], check=True)
+    # float32 scales: the CPU path computes in float32, and float16 cannot hold Gemma 3's
+    # residual stream (~1e5) at all; convert would choose bfloat16 by itself.
+    options = ["--bits", "4", "--group-size", "64", "--dtype", "float32", "--force"]
+    subprocess.run(command + options, check=True)
     note.write_text(how + "\n")
     return out, how
 

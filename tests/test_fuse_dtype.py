@@ -70,3 +70,18 @@ def test_forcing_float16_on_such_a_model_is_reported_as_not_finite(tmp_path):
     with pytest.warns(UserWarning, match="not finite in float16"):
         report = fuse(base, [adapter], tmp_path / "fused", dequantize=True, dtype="float16")
     assert not report.finite
+
+
+def test_convert_chooses_its_dtype_the_same_way(tmp_path, capsys):
+    # `convert` of a source naming no dtype (a GGUF) also keeps float16 only where it fits.
+    from ondevice_lora.loading.convert import convert
+
+    fits = base_without_dtype(tmp_path / "fits")
+    convert(fits, tmp_path / "fits-4bit", bits=4, group_size=32)
+    assert written_dtype(tmp_path / "fits-4bit") == "float16"
+    overflows = base_without_dtype(tmp_path / "overflows", embedding_factor=1e5)
+    convert(overflows, tmp_path / "overflows-4bit", bits=4, group_size=32)
+    assert written_dtype(tmp_path / "overflows-4bit") == "bfloat16"
+    assert "past float16" in capsys.readouterr().err
+    converted, _ = load(tmp_path / "overflows-4bit")
+    assert np.isfinite(np.array(converted(TOKENS).astype(mx.float32))).all()

@@ -28,6 +28,7 @@ from ..errors import OndeviceLoraError, user_errors
 from ..loading import resolve_model_path
 from ..loading.convert import (
     DTYPES,
+    SAMPLE_TEXTS,
     check_gguf_type,
     check_not_source,
     check_out_folder,
@@ -37,11 +38,12 @@ from ..loading.convert import (
     load_source,
     model_quantization,
     output_config,
+    output_dtype,
+    sample_inputs,
     source_dtype,
     write_model,
     write_model_folder,
 )
-from ..models.activation_range import FP16_MAX, measure_ranges
 from .fuse_report import (
     MAX_EFFECT_ERROR,
     MIN_KEPT_SHARE,
@@ -72,18 +74,6 @@ __all__ = [
     "fuse_command",
     "print_report",
 ]
-
-# Sample inputs for the logits comparison: short, varied, and in every tokenizer's alphabet.
-SAMPLE_TEXTS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "What is the capital of France? The capital of France is Paris.",
-    "def add(a, b):\n    return a + b\n",
-    "On Monday it rained; on Friday the sun came out at 7:30.",
-)
-MAX_SAMPLE_TOKENS = 64
-# float16 is kept only where the activations measured stay under its maximum by this factor:
-# other texts reach further than the samples (SmolLM2-135M: 2.5e4, kept; Gemma 3: 1e5, not).
-FP16_HEADROOM = 2.0
 
 
 def fuse(
@@ -152,7 +142,7 @@ def fuse(
     compute = mx.float32 if mx.default_device() == mx.cpu else None
     if compute is not None:
         net.set_dtype(compute)
-    inputs = _sample_inputs(tokenizer, samples)
+    inputs = sample_inputs(tokenizer, samples)
     dtype_note = None
     if dtype is None:
         dtype, dtype_note = output_dtype(net, source_dtype(config), inputs)
@@ -204,26 +194,6 @@ def fuse(
     return report
 
 
-def output_dtype(net: nn.Module, source: str, inputs: list[mx.array]) -> tuple[str, str | None]:
-    """The dtype to write when the user names none: the source's, unless that is float16 and
-    the model's activations (measured in float32 on the sample texts, adapters active) would
-    pass float16's range, then bfloat16 (float32's range at half its size), with a note.
-
-    A GGUF source has no dtype of its own and reads as float16: Gemma 3 270M's residual stream
-    reaches ~1e5, past float16's 65,504, and a float16 Gemma generates only padding.
-    """
-    if source != "float16":
-        return source, None
-    ranges = measure_ranges(net, [ids[0].tolist() for ids in inputs])
-    if ranges.largest * FP16_HEADROOM <= FP16_MAX:
-        return source, None
-    return "bfloat16", (
-        f"writing bfloat16, not the source's float16: the model's activations reach "
-        f"{ranges.largest:.3g} on the sample texts, past float16's {FP16_MAX:.0f} / "
-        f"{FP16_HEADROOM:g} (give --dtype to choose)"
-    )
-
-
 def fold_and_measure(
     path: str, layer: MultiAdapterLinear, dense: bool, dtype: mx.Dtype
 ) -> tuple[LayerLoss, nn.Module]:
@@ -250,14 +220,6 @@ def fold_and_measure(
         delta_sq=delta_sq,
     )
     return loss, stored
-
-
-def _sample_inputs(tokenizer, samples: Sequence[str]) -> list[mx.array]:
-    inputs = [tokenizer.encode(text)[:MAX_SAMPLE_TOKENS] for text in samples]
-    inputs = [mx.array([ids]) for ids in inputs if ids]
-    if not inputs:
-        raise OndeviceLoraError("cannot fuse: the sample texts encode to no tokens.")
-    return inputs
 
 
 def _logits(net: nn.Module, inputs: list[mx.array]) -> mx.array:
