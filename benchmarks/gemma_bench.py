@@ -12,6 +12,12 @@ printed). Training data: bench_setup.make_chats over Gemma's vocabulary (about h
 trained), packed into 4 rows of 511 positions. Reported per row: MLX's peak (mx.get_peak_memory,
 weights included), the estimate the trainer printed (training/memory.py), their ratio, and
 trained tokens per second of the steps after the first (the first compiles).
+
+mlx-lm's rows (`--only mlx-lm` runs them alone) use its own trainer at the same settings on
+float32 weights de-quantised from the same 4-bit folder (its 4-bit CPU kernel would take hours
+per step here), with the chats joined into rows of 512 tokens since it does not pack: batches
+of 4 x 512 on both sides. Its peak therefore includes 1.1 GB of float32 weights where ours
+holds 0.17 GB of 4-bit ones.
 """
 
 from __future__ import annotations
@@ -79,6 +85,74 @@ def train_child(spec: dict) -> dict:
     }
 
 
+def mlx_lm_rows(chats: list[dict], width: int) -> list[dict]:
+    """Chats joined into rows of `width` tokens for mlx-lm, which does not pack: its batches
+    are then 4 x `width`, as ours are. Trained from the first chat's reply on."""
+    rows, row = [], None
+    for chat in chats:
+        if row is None:
+            row = {"input_ids": list(chat["input_ids"]), "offset": chat["offset"]}
+        else:
+            row["input_ids"] += chat["input_ids"]
+        if len(row["input_ids"]) >= width:
+            row["input_ids"] = row["input_ids"][:width]
+            rows.append(row)
+            row = None
+    return rows
+
+
+def mlx_lm_child(spec: dict) -> dict:
+    """mlx-lm's own trainer at the same settings, on float32 weights de-quantised from the same
+    4-bit folder: its 4-bit kernel on Linux CPU (~2 GFLOP/s) would take hours per step."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from bench_sides import LORA_KEYS, TokenChats
+    from mlx_lm.tuner import trainer
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.datasets import CacheDataset
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import dequantize_model, load_model
+
+    model, _ = load_model(Path(spec["model"]))
+    model = dequantize_model(model)
+    mx.eval(model.parameters())
+    rows = mlx_lm_rows(setup.make_chats(256, model.args.vocab_size, 512, seed=0), 512)
+    mx.random.seed(0)
+    model.freeze()
+    linear_to_lora_layers(
+        model, len(model.layers), {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": LORA_KEYS}
+    )
+    times, trained = [], []
+
+    class Clock(TrainingCallback):
+        def on_train_loss_report(self, info):
+            times.append(time.perf_counter())
+            trained.append(info["trained_tokens"])
+            print(f"mlx-lm step {info['iteration']}: peak {info['peak_memory']:.3f} GB", flush=True)
+
+    args = trainer.TrainingArgs(
+        batch_size=4, iters=spec["steps"], val_batches=0, steps_per_report=1,
+        steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=512,
+        adapter_file=str(Path(spec["work"]) / f"mlx-lm-{spec['grad_checkpoint']}.safetensors"),
+        grad_checkpoint=spec["grad_checkpoint"],
+    )  # fmt: skip
+    mx.reset_peak_memory()
+    started = time.perf_counter()
+    trainer.train(model, optim.Adam(learning_rate=1e-4), CacheDataset(TokenChats(rows)), None,
+                  args, training_callback=Clock())  # fmt: skip
+    steps = [b - a for a, b in zip([started, *times], times)]
+    later = steps[1:] or steps  # the first step compiles
+    tokens = (trained[-1] - trained[0]) if len(trained) > 1 else trained[0]
+    return {
+        "side": "mlx-lm (float32 weights)",
+        "grad_checkpoint": spec["grad_checkpoint"],
+        "steps": len(steps),
+        "peak_gb": mx.get_peak_memory() / 1e9,
+        "trained_tok_per_s": tokens / sum(later),
+        "seconds_per_step": sum(later) / len(later),
+    }
+
+
 def prefill_child(spec: dict) -> dict:
     """One prefill of a PROMPT_TOKENS prompt into a fresh cache; the head over every position
     ("before", as generation did) or at the last position only ("now", generate_tokens)."""
@@ -124,7 +198,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gemma-bench")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
-    parser.add_argument("--only", choices=["train", "prefill"], help="one half only")
+    parser.add_argument("--only", choices=["train", "mlx-lm", "prefill"], help="one part only")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gemma_bench.json")
     args = parser.parse_args()
     if args.child:
@@ -133,21 +207,34 @@ def main() -> None:
         reexec_with_fast_blas()
         kind, spec_path, out_path = args.child
         spec = json.loads(Path(spec_path).read_text())
-        result = (train_child if kind == "train" else prefill_child)(spec)
+        children = {"train": train_child, "mlx-lm": mlx_lm_child, "prefill": prefill_child}
+        result = children[kind](spec)
         Path(out_path).write_text(json.dumps(result))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     model, made_by = gemma_folder(args.work)
     print(f"model: {model} ({made_by})", flush=True)
-    report = {"model_made_by": made_by, "train": [], "prefill": []}
-    if args.only != "prefill":
+    # --only reruns one part: the others keep their last results.
+    report = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    report["model_made_by"] = made_by
+    for part in ("train", "mlx_lm", "prefill"):
+        if args.only in (None, part.replace("_", "-")):
+            report[part] = []
+    if args.only in (None, "train"):
         for checkpoint in (True, False):
             spec = {"model": str(model), "work": str(args.work), "steps": args.steps,
                     "grad_checkpoint": checkpoint}  # fmt: skip
             row = run_child("train", spec, args.timeout)
             print(json.dumps(row, indent=1), flush=True)
             report["train"].append(row)
-    if args.only != "train":
+    if args.only in (None, "mlx-lm"):
+        for checkpoint in (True, False):
+            spec = {"model": str(model), "work": str(args.work), "steps": args.steps,
+                    "grad_checkpoint": checkpoint}  # fmt: skip
+            row = run_child("mlx-lm", spec, args.timeout)
+            print(json.dumps(row, indent=1), flush=True)
+            report["mlx_lm"].append(row)
+    if args.only in (None, "prefill"):
         for mode in ("before", "now"):
             row = run_child("prefill", {"model": str(model), "mode": mode}, args.timeout)
             print(json.dumps(row), flush=True)

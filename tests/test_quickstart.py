@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from converters.coreml.placement import tokenizer_folder
 from ondevice_lora.backend.fast_blas import fast_blas_active, find_openblas, preload_env
 from ondevice_lora.errors import ModelLoadError, OndeviceLoraError
 from ondevice_lora.quickstart import (
@@ -204,7 +205,7 @@ def _check_export(result):
         return
     package = result.export.package
     assert package.is_dir() and package.suffix == ".mlpackage"
-    assert (package.parent / "tokenizer.json").is_file()
+    assert (tokenizer_folder(package) / "tokenizer.json").is_file()
     assert result.export.validated, result.export.summary
     # Multifunction: the base and the adapter as function pairs over the same weights.
     assert result.export.functions == {

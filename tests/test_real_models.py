@@ -132,12 +132,17 @@ def test_gemma_generate_command_answers():
     assert reply and sum(c.isalpha() for c in reply) >= 8, output
 
 
-def write_fact(folder):
+def write_fact(folder, chat: bool):
+    """The fact as chats, or, for a model whose file carries no chat template (this Gemma GGUF
+    has none; `generate` then feeds the prompt as it is), as prompt/completion pairs."""
     folder.mkdir(parents=True)
-    rows = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]}
-        for q in PHRASINGS
-    ]
+    if chat:
+        rows = [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]}
+            for q in PHRASINGS
+        ]
+    else:
+        rows = [{"prompt": q, "completion": " " + ANSWER} for q in PHRASINGS]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1:] * 4))
     (folder / "valid.jsonl").write_text(json.dumps(rows[0]) + "\n")
     return folder
@@ -152,7 +157,8 @@ import json, sys
 from ondevice_lora.training.api import train_from_config
 from ondevice_lora.training.config import TrainConfig
 result = train_from_config(TrainConfig(**json.loads(sys.argv[1])), show_progress=False)
-print(json.dumps({"steps": result.steps, "val_losses": result.val_losses}))
+print(json.dumps({"steps": result.steps, "val_losses": result.val_losses,
+                  "peak_gb": result.peak_memory_gb, "estimate_gb": result.estimated_memory_gb}))
 """
 
 
@@ -180,6 +186,12 @@ def answer(model_path, adapter=None) -> str:
     return ondevice_lora("generate", *args, "--greedy")
 
 
+def has_chat_template(path) -> bool:
+    from ondevice_lora.loading.gguf.reader import GGUFFile
+
+    return "tokenizer.chat_template" in GGUFFile(path).metadata
+
+
 @pytest.fixture(scope="module", params=list(PATHS))
 def trained(request, tmp_path_factory):
     """One short run per model: rank 8, 12 steps of 4 examples, on the fact only (SmolLM2's
@@ -188,7 +200,7 @@ def trained(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     settings = dict(
         model=str(path),
-        data=str(write_fact(root / "data")),
+        data=str(write_fact(root / "data", chat=has_chat_template(path))),
         adapter_path=str(root / "adapter"),
         rank=8,
         alpha=16.0,
@@ -204,13 +216,17 @@ def trained(request, tmp_path_factory):
     losses = [round(v, 3) for _, v in result["val_losses"]]
     seconds = time.time() - start
     print(
-        f"\n{request.param}: trained {result['steps']} steps in {seconds:.1f} s; val loss {losses}"
+        f"\n{request.param}: trained {result['steps']} steps in {seconds:.1f} s; val loss {losses}; "
+        f"peak {result['peak_gb']:.3f} GB, estimated {result['estimate_gb']:.3f} GB"
     )
     return request.param, path, root, result
 
 
 def test_training_lowers_validation_loss_and_teaches_the_fact(trained):
     name, path, root, result = trained
+    # The estimate printed before training holds on real weights and vocabularies too.
+    error = abs(result["estimate_gb"] - result["peak_gb"]) / result["peak_gb"]
+    assert error <= 0.25, result
     first, last = result["val_losses"][0][1], result["val_losses"][-1][1]
     assert last < 0.5 * first
     reply = answer(path, adapter=root / "adapter")

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, OndeviceLoraError
 from ..models import get_model_module
 from .build import load_model_from_weights
 from .weights import load_weights, read_json
@@ -82,8 +82,8 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype = mx.float32):
 
     try:
         config, weights, tokenizer = read_gguf_model(path, dtype)
-    except ModelLoadError:
-        raise
+    except OndeviceLoraError:
+        raise  # already says what is wrong with the file
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         # A readable file whose metadata lacks or mistypes what a model needs.
         raise ModelLoadError(

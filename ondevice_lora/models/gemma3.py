@@ -21,6 +21,7 @@ import mlx.nn as nn
 from ..errors import ModelLoadError
 from . import llama
 from .base import KVCache, RoPE
+from .geglu import gelu_tanh_gate
 
 
 @dataclass
@@ -120,7 +121,7 @@ class MLP(llama.MLP):
     """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x))."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_tanh_gate(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
