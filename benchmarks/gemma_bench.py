@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,8 +51,10 @@ def train_child(spec: dict) -> dict:
     vocab = model.args.vocab_size
     tokenizer = setup.make_tokenizer(vocab)
     chats = setup.make_chats(64, vocab, 512, seed=0)
+    adapter = Path(spec["work"]) / f"adapter-{spec['grad_checkpoint']}"
+    shutil.rmtree(adapter, ignore_errors=True)  # an earlier run's: a fresh run, not a resume
     config = TrainConfig(
-        adapter_path=str(Path(spec["work"]) / f"adapter-{spec['grad_checkpoint']}"),
+        adapter_path=str(adapter),
         rank=8, alpha=16, dropout=0.0, target_modules="all-linear", max_length=512,
         batch_size=4, batching="packed", grad_checkpoint=spec["grad_checkpoint"],
         optimizer="adam", learning_rate=1e-4, lr_schedule="constant", iters=spec["steps"],

@@ -20,14 +20,14 @@ EXAMPLE = REPO / "examples" / "preferences"
 # The example README's command, flag for flag.
 TRAIN = [
     "train", "--method", "dpo", "--beta", "0.1", "--data", str(EXAMPLE),
-    "--iters", "30", "--batch-size", "4", "--learning-rate", "1e-3", "--rank", "8",
-    "--target-modules", "all-linear", "--num-layers", "8", "--warmup-steps", "3",
-    "--eval-every", "30", "--save-every", "0",
+    "--iters", "10", "--batch-size", "4", "--learning-rate", "1e-3", "--rank", "8",
+    "--target-modules", "all-linear", "--num-layers", "8", "--warmup-steps", "2",
+    "--eval-every", "10", "--save-every", "0",
 ]  # fmt: skip
-ITERS = 30
+ITERS = 10
 MIN_ACCURACY = 0.9
 # Held-out questions whose replies are measured, and how long each reply may run.
-ASKED = 4
+ASKED = 3
 MAX_TOKENS = 48
 
 
