@@ -223,20 +223,15 @@ def main() -> None:
     for part in ("train", "mlx_lm", "prefill"):
         if args.only in (None, part.replace("_", "-")):
             report[part] = []
-    if args.only in (None, "train"):
+    for part, kind in (("train", "train"), ("mlx_lm", "mlx-lm")):
+        if args.only not in (None, kind):
+            continue
         for checkpoint in (True, False):
             spec = {"model": str(model), "work": str(args.work), "steps": args.steps,
                     "grad_checkpoint": checkpoint}  # fmt: skip
-            row = run_child("train", spec, args.timeout)
+            row = run_child(kind, spec, args.timeout)
             print(json.dumps(row, indent=1), flush=True)
-            report["train"].append(row)
-    if args.only in (None, "mlx-lm"):
-        for checkpoint in (True, False):
-            spec = {"model": str(model), "work": str(args.work), "steps": args.steps,
-                    "grad_checkpoint": checkpoint}  # fmt: skip
-            row = run_child("mlx-lm", spec, args.timeout)
-            print(json.dumps(row, indent=1), flush=True)
-            report["mlx_lm"].append(row)
+            report[part].append(row)
     if args.only in (None, "prefill"):
         for mode in ("before", "now"):
             row = run_child("prefill", {"model": str(model), "mode": mode}, args.timeout)

@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten
 from ondevice_lora.atomic import write_atomically
 from ondevice_lora.errors import OndeviceLoraError
 from ondevice_lora.loading.convert import GGUF_TYPES as TENSOR_TYPES
+from ondevice_lora.loading.convert import dequantized_weight
 from ondevice_lora.models.base import _llama3_periods
 
 from .gguf_names import (
@@ -237,14 +238,7 @@ def _tensor(key, params, module, tensor_type, heads, arch):
         carried = _carry_blocks(module, tensor_type, heads)
         if carried is not None:
             return carried
-        weight = mx.dequantize(
-            module.weight,
-            module.scales,
-            module.get("biases"),
-            group_size=module.group_size,
-            bits=module.bits,
-            mode=module.mode,
-        )
+        weight = dequantized_weight(module)
         dtype = "f16"
     else:
         weight = params[key]

@@ -274,20 +274,25 @@ def source_dtype(config: dict) -> str:
     return "float16"
 
 
+def dequantized_weight(module: nn.Module) -> mx.array:
+    """The float weight a quantised Linear or Embedding stands for."""
+    return mx.dequantize(
+        module.weight,
+        module.scales,
+        module.get("biases"),
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+    )
+
+
 def dequantize_model(net: nn.Module) -> None:
     """Replace every quantised layer of `net` by the float layer its weights stand for."""
     replaced = []
     for path, module in net.named_modules():
         if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             continue
-        weight = mx.dequantize(
-            module.weight,
-            module.scales,
-            module.get("biases"),
-            group_size=module.group_size,
-            bits=module.bits,
-            mode=module.mode,
-        )
+        weight = dequantized_weight(module)
         if isinstance(module, nn.QuantizedEmbedding):
             layer = nn.Embedding(*weight.shape)
         else:
