@@ -31,8 +31,7 @@ from mlx.utils import tree_flatten
 from ondevice_lora.atomic import write_atomically
 from ondevice_lora.errors import OndeviceLoraError
 from ondevice_lora.loading.convert import GGUF_TYPES as TENSOR_TYPES
-from ondevice_lora.loading.convert import dequantized_weight
-from ondevice_lora.models.base import _llama3_periods
+from ondevice_lora.models.base import _llama3_periods, dequantized_weight
 
 from .gguf_names import (
     PERMUTED,

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import OndeviceLoraError
+from ..models.base import dequantized_weight
 
 # The adapter's own tensors, by attribute name: every reader and writer of adapters uses these.
 ADAPTER_PARAMETER_NAMES = ("lora_a", "lora_b", "magnitude")
@@ -44,14 +45,7 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
 def dense_weight(layer: nn.Module) -> mx.array:
     """The (out, in) weight of a layer, de-quantised if it is quantised."""
     if isinstance(layer, nn.QuantizedLinear):
-        return mx.dequantize(
-            layer.weight,
-            layer.scales,
-            layer.get("biases"),
-            group_size=layer.group_size,
-            bits=layer.bits,
-            mode=layer.mode,
-        )
+        return dequantized_weight(layer)
     return layer.weight
 
 

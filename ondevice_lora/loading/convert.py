@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import OndeviceLoraError, format_list, user_errors
 from ..models.activation_range import FP16_MAX, measure_ranges
+from ..models.base import dequantized_weight
 from .hf import load_config, load_model, resolve_model_path
 from .weights import INDEX_FILE, read_json, save_weights, write_json
 
@@ -272,18 +273,6 @@ def source_dtype(config: dict) -> str:
         if config.get(key) in DTYPES:
             return config[key]
     return "float16"
-
-
-def dequantized_weight(module: nn.Module) -> mx.array:
-    """The float weight a quantised Linear or Embedding stands for."""
-    return mx.dequantize(
-        module.weight,
-        module.scales,
-        module.get("biases"),
-        group_size=module.group_size,
-        bits=module.bits,
-        mode=module.mode,
-    )
 
 
 def dequantize_model(net: nn.Module) -> None:

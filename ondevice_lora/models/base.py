@@ -77,6 +77,18 @@ def _type_problems(key: str, value, annotation: str) -> list[str]:
     return []
 
 
+def dequantized_weight(module: nn.Module) -> mx.array:
+    """The float weight a quantised Linear or Embedding stands for."""
+    return mx.dequantize(
+        module.weight,
+        module.scales,
+        module.get("biases"),
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+    )
+
+
 def rope_settings(rope_theta: float, rope_scaling: dict | None, rope_parameters: dict | None):
     """Return (theta, scaling) from either config convention.
 

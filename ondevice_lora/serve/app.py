@@ -36,8 +36,9 @@ async def _watch_disconnect(request: Request, disconnected: asyncio.Event) -> No
     handler that only sends never sees it, so without this an abandoned request would keep the
     one worker busy to its last token.
     """
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    message = await request.receive()
+    while message["type"] != "http.disconnect":
+        message = await request.receive()
     disconnected.set()
 
 
